@@ -1,0 +1,223 @@
+"""The ``pail`` command: ``pail mount BUCKET DIR`` and ``pail unmount DIR``.
+
+``pail mount`` checks everything it can before mounting (options, the directory, the
+bucket and the credentials) and says what is wrong in one line. Without --foreground it
+starts the mount in a new process (the same code, with --foreground) and returns once the
+mount answers, or with that process's error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+from driver import __version__
+from driver import log as logging_setup
+from driver.config import (
+    ConfigError,
+    FsSettings,
+    MountConfig,
+    S3Settings,
+    normalize_prefix,
+    parse_id,
+    parse_mode,
+    parse_size,
+    parse_ttl,
+    validate_bucket,
+)
+from driver.mountpoint import check_mount_directory, is_mount_point, resolve
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+READY_TIMEOUT = 60.0  # seconds a background mount may take to answer
+
+
+class CommandError(Exception):
+    """The command cannot go on; the message is the one line the user sees."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pail", description="Mount S3 buckets as file systems.")
+    parser.add_argument("--version", action="version", version=f"pail {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mount = commands.add_parser("mount", help="mount a bucket on a directory",
+                                description="Mount BUCKET (a name, access-point alias or ARN) on DIR.")
+    mount.add_argument("bucket", metavar="BUCKET")
+    mount.add_argument("directory", metavar="DIR")
+    where = mount.add_argument_group("bucket")
+    where.add_argument("--prefix", default="", help="mount only the keys under this prefix")
+    where.add_argument("--endpoint-url", help="S3 endpoint, for S3-compatible stores (http[s]://host[:port])")
+    where.add_argument("--region", help="the bucket's region (default: asked of the bucket)")
+    where.add_argument("--force-path-style", action="store_true",
+                       help="address the bucket in the URL path, not the host name")
+    where.add_argument("--no-sign-request", action="store_true",
+                       help="send requests unsigned, for public buckets")
+    where.add_argument("--ca-bundle", help="PEM file of CA certificates to trust for TLS")
+    files = mount.add_argument_group("files")
+    files.add_argument("--read-only", action="store_true", help="refuse every change")
+    files.add_argument("--uid", help="owner of every file and directory (default: yours)")
+    files.add_argument("--gid", help="group of every file and directory (default: yours)")
+    files.add_argument("--file-mode", default="0644", help="permission bits of files (default 0644)")
+    files.add_argument("--dir-mode", default="0755", help="permission bits of directories (default 0755)")
+    files.add_argument("--allow-other", action="store_true", help="let other users use the mount")
+    files.add_argument("--allow-root", action="store_true", help="let root use the mount")
+    files.add_argument("--metadata-ttl", default="1",
+                       help="seconds to trust cached names and attributes: a number, 'minimal' "
+                            "(0: ask S3 every time) or 'indefinite' (default 1)")
+    files.add_argument("--max-memory", default="512MiB",
+                       help="memory for prefetched data of all open files (default 512MiB)")
+    run = mount.add_argument_group("process")
+    run.add_argument("--foreground", action="store_true", help="stay in the foreground until unmounted")
+    run.add_argument("--debug", action="store_true", help="log every file operation")
+    run.add_argument("--log-format", choices=logging_setup.FORMATS, default="console",
+                     help="log lines as JSON or for a console (default console)")
+    run.add_argument("--log-file", help="append logs to this file (default: stderr in the "
+                                        "foreground, syslog in the background)")
+    run.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    unmount = commands.add_parser("unmount", help="unmount a directory mounted by pail mount")
+    unmount.add_argument("directory", metavar="DIR")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> MountConfig:
+    """Validate every option; ConfigError names the one that is wrong."""
+    if args.endpoint_url:
+        parts = urlsplit(args.endpoint_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError("--endpoint-url", f"expected http(s)://host[:port], not {args.endpoint_url!r}")
+    if args.ca_bundle and not os.path.isfile(args.ca_bundle):
+        raise ConfigError("--ca-bundle", f"{args.ca_bundle}: no such file")
+    if args.allow_other and args.allow_root:
+        raise ConfigError("--allow-root", "cannot be combined with --allow-other (which includes root)")
+    s3 = S3Settings(
+        bucket=validate_bucket(args.bucket),
+        region=args.region or None,
+        endpoint_url=args.endpoint_url or None,
+        force_path_style=args.force_path_style,
+        no_sign_request=args.no_sign_request,
+        ca_bundle=args.ca_bundle or None,
+    )
+    fs = FsSettings(
+        prefix=normalize_prefix(args.prefix),
+        read_only=args.read_only,
+        uid=parse_id(args.uid, "--uid") if args.uid is not None else os.getuid(),
+        gid=parse_id(args.gid, "--gid") if args.gid is not None else os.getgid(),
+        file_mode=parse_mode(args.file_mode, "--file-mode"),
+        dir_mode=parse_mode(args.dir_mode, "--dir-mode"),
+        metadata_ttl=parse_ttl(args.metadata_ttl),
+        max_memory=parse_size(args.max_memory, "--max-memory"),
+    )
+    return MountConfig(
+        s3=s3, fs=fs, mountpoint=os.path.realpath(args.directory),
+        allow_other=args.allow_other, allow_root=args.allow_root, foreground=args.foreground,
+        debug=args.debug, log_format=args.log_format, log_file=args.log_file,
+    )
+
+
+def _check_before_mount(config: MountConfig) -> str:
+    """Everything that can be checked before mounting; returns the bucket's region."""
+    from driver.s3 import api
+    from driver.s3.client import check_bucket, describe_bucket_error, detect_region
+
+    problem = check_mount_directory(config.mountpoint)
+    if problem:
+        raise CommandError(problem)
+    region = detect_region(config.s3)
+    try:
+        check_bucket(config.s3, region)
+    except api.ObjectClientError as exc:
+        raise CommandError(describe_bucket_error(exc, config.s3)) from None
+    return region
+
+
+def mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    config = config_from_args(args)
+    region = _check_before_mount(config)
+    if not config.foreground:
+        return _mount_in_background(argv, region)
+    from driver.mount import run_mount
+
+    logging_setup.configure(config.log_format, debug=config.debug, path=config.log_file,
+                            syslog=args.ready_fd is not None)
+    return run_mount(config, region, ready_fd=args.ready_fd)
+
+
+def _mount_in_background(argv: Sequence[str], region: str) -> int:
+    """Run the same mount with --foreground in a new session; wait until it answers."""
+    read_end, write_end = os.pipe()
+    command = [sys.executable, "-m", "driver", *argv, "--foreground", "--region", region,
+               "--ready-fd", str(write_end)]
+    with open(os.devnull, "r+b") as devnull:
+        child = subprocess.Popen(command, stdin=devnull, stdout=devnull, stderr=devnull,
+                                 pass_fds=[write_end], start_new_session=True, close_fds=True)
+    os.close(write_end)
+    deadline = time.monotonic() + READY_TIMEOUT
+    message = b""
+    with os.fdopen(read_end, "rb") as ready:
+        while b"\n" not in message and time.monotonic() < deadline:
+            readable, _, _ = select.select([ready], [], [], max(0.0, deadline - time.monotonic()))
+            if not readable:
+                break
+            chunk = os.read(ready.fileno(), 4096)
+            if not chunk:
+                break  # the mount process ended without a word
+            message += chunk
+    line = message.decode("utf-8", "replace").strip()
+    if line == "ready":
+        return 0
+    if not line:
+        if child.poll() is None:
+            child.kill()
+            line = f"the mount did not answer within {READY_TIMEOUT:.0f} s"
+        else:
+            line = f"the mount process exited with status {child.wait()}"
+    raise CommandError(line.removeprefix("error: "))
+
+
+def unmount(args: argparse.Namespace) -> int:
+    path = resolve(args.directory)
+    if not is_mount_point(path):
+        raise CommandError(f"{path}: not mounted")
+    fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+    command = [fusermount, "-u", path] if fusermount else ["umount", path]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        raise CommandError(f"{path}: {detail}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "mount":
+            return mount(args, argv)
+        return unmount(args)
+    except ConfigError as exc:
+        parser.exit(EXIT_USAGE, f"pail {args.command}: error: {exc}\n")
+    except CommandError as exc:
+        if getattr(args, "ready_fd", None) is not None:
+            _tell_parent(args.ready_fd, f"error: {exc}")
+        print(f"pail {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_FAILURE
+
+
+def _tell_parent(fd: int, line: str) -> None:
+    try:
+        os.write(fd, (line + "\n").encode())
+        os.close(fd)
+    except OSError:
+        pass
+

@@ -1,0 +1,155 @@
+"""Mount configuration: one validated value object built from the command line.
+
+The CLI builds it, the mount process runs from it, and (later) the node server will build
+it from a CSI request: validation lives here so every entry point refuses the same bad
+input with the same message.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+KiB = 1024
+MiB = 1024 * KiB
+
+# --metadata-ttl words. `indefinite` is stored as infinity; FUSE needs a finite timeout,
+# which the adapter clamps (see driver.fuse.adapter.KERNEL_TTL_MAX).
+TTL_MINIMAL = 0.0
+TTL_INDEFINITE = math.inf
+DEFAULT_METADATA_TTL = 1.0
+
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,253}[a-z0-9]$")
+_ACCESS_POINT_ARN = re.compile(r"^arn:aws[a-zA-Z-]*:s3(-object-lambda|-outposts)?:[a-z0-9-]*:\d{12}:\S+$")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid. ``option`` names it the way the user wrote it."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option = option
+        self.message = message
+
+
+def parse_ttl(text: str, option: str = "--metadata-ttl") -> float:
+    """SECONDS (a non-negative number), ``minimal`` (0) or ``indefinite``."""
+    word = text.strip().lower()
+    if word == "minimal":
+        return TTL_MINIMAL
+    if word == "indefinite":
+        return TTL_INDEFINITE
+    try:
+        value = float(word)
+    except ValueError:
+        raise ConfigError(option, f"expected seconds, 'minimal' or 'indefinite', not {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(option, f"expected a non-negative number of seconds, not {text!r}")
+    return value
+
+
+def parse_mode(text: str, option: str) -> int:
+    """An octal permission mode such as 0644 or 755."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ConfigError(option, f"expected an octal mode such as 0644, not {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(option, f"mode {text!r} is outside 0000-0777")
+    return mode
+
+
+def parse_id(text: str, option: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise ConfigError(option, f"expected a numeric id, not {text!r}") from None
+    if not 0 <= value < 2**32 - 1:
+        raise ConfigError(option, f"id {text!r} is out of range")
+    return value
+
+
+def parse_size(text: str, option: str) -> int:
+    """A byte count with an optional binary suffix: 8388608, 8M, 8MiB, 512K, 1G."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(i?b)?\s*", text.lower())
+    if not match:
+        raise ConfigError(option, f"expected a size such as 8MiB, not {text!r}")
+    number, unit = int(match.group(1)), match.group(2)
+    return number * {"": 1, "k": KiB, "m": MiB, "g": 1024 * MiB}[unit]
+
+
+def validate_bucket(bucket: str) -> str:
+    """A bucket name, access-point alias (also a valid bucket name) or access-point ARN."""
+    if _ACCESS_POINT_ARN.match(bucket) or (_BUCKET_NAME.match(bucket) and ".." not in bucket):
+        return bucket
+    raise ConfigError("BUCKET", f"{bucket!r} is not a bucket name, access-point alias or ARN")
+
+
+def normalize_prefix(prefix: str) -> str:
+    """'' or a key prefix ending in '/': the mount shows what is under it."""
+    if not prefix:
+        return ""
+    if prefix.startswith("/"):
+        raise ConfigError("--prefix", f"{prefix!r} must not start with '/' (S3 keys do not)")
+    if not prefix.endswith("/"):
+        prefix += "/"
+    segments = prefix[:-1].split("/")
+    if any(s in ("", ".", "..") or "\0" in s for s in segments):
+        raise ConfigError("--prefix", f"{prefix!r} has an empty, '.' or '..' segment")
+    return prefix
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where the bucket is and how to talk to it."""
+
+    bucket: str
+    region: str | None = None  # None: ask the bucket
+    endpoint_url: str | None = None
+    force_path_style: bool = False
+    no_sign_request: bool = False
+    ca_bundle: str | None = None
+    # Bounded retries: every S3 failure becomes an error within a bounded time.
+    max_attempts: int = 5
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0  # per attempt without a byte arriving
+    user_agent_extra: str = "pail"
+
+
+@dataclass(frozen=True)
+class FsSettings:
+    """What the filesystem shows and how it caches."""
+
+    prefix: str = ""
+    read_only: bool = False
+    uid: int = 0
+    gid: int = 0
+    file_mode: int = 0o644
+    dir_mode: int = 0o755
+    metadata_ttl: float = DEFAULT_METADATA_TTL
+    # Prefetch: ranged GETs of min_request bytes at first, doubling while the reader stays
+    # sequential, up to max_request (one HTTP request each), at most max_ahead in flight.
+    min_request: int = 256 * KiB
+    max_request: int = 8 * MiB
+    max_ahead: int = 4
+    max_memory: int = 512 * MiB  # prefetched bytes held by all open files together
+
+    def __post_init__(self) -> None:
+        if self.min_request <= 0 or self.max_request < self.min_request:
+            raise ConfigError("prefetch", "need 0 < min_request <= max_request")
+        if self.max_memory < self.max_request:
+            raise ConfigError("--max-memory", f"must be at least {self.max_request // MiB} MiB")
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    s3: S3Settings
+    fs: FsSettings = field(default_factory=FsSettings)
+    mountpoint: str = ""
+    allow_other: bool = False
+    allow_root: bool = False
+    foreground: bool = False
+    debug: bool = False
+    log_format: str = "console"
+    log_file: str | None = None

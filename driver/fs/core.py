@@ -1,0 +1,264 @@
+"""The filesystem: lookups, attributes, directory listings and reads, over an ObjectClient.
+
+Operations take and return plain values (inode numbers, ``Inode`` records, bytes) and
+raise ``FsError``; ``driver.fuse`` turns them into kernel replies. Metadata is cached for
+``metadata_ttl`` seconds: within it, a lookup or ``stat`` answers from what the last
+listing or HEAD said; after it, S3 is asked again.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import structlog
+import trio
+
+from driver.config import FsSettings
+from driver.fs.errors import FsError, from_store
+from driver.fs.inode import ROOT_INODE, Inode, InodeTable, Kind
+from driver.fs.listing import DirectoryListing, Entry
+from driver.fs.names import DELIMITER, NAME_MAX, is_valid_name
+from driver.fs.prefetch import MemoryBudget, PrefetchConfig, Prefetcher
+from driver.s3.api import NoSuchKey, ObjectClient, ObjectClientError
+
+log = structlog.get_logger("pail.fs")
+_H = TypeVar("_H", "FileHandle", "DirHandle")
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
+
+
+@dataclass(eq=False)
+class FileHandle:
+    inode: Inode
+    reader: Prefetcher
+
+
+@dataclass(eq=False)
+class DirHandle:
+    inode: Inode
+    listing: DirectoryListing
+    # Entries listed so far; entry i has readdir offset i + 1 ("." and ".." come first).
+    entries: list[tuple[str, Inode]] = field(default_factory=list)
+
+
+class Filesystem:
+    """One mounted bucket (or prefix)."""
+
+    def __init__(self, client: ObjectClient, settings: FsSettings) -> None:
+        self.client = client
+        self.settings = settings
+        self.inodes = InodeTable(settings.prefix, mount_time=time.time())
+        self.budget = MemoryBudget(settings.max_memory)
+        self._prefetch = PrefetchConfig(settings.min_request, settings.max_request, settings.max_ahead)
+        self._handles: dict[int, FileHandle | DirHandle] = {}
+        self._next_fh = itertools.count(1)
+        self._nursery: trio.Nursery | None = None
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Background work (prefetch requests) runs in ``nursery``, which outlives handles."""
+        self._nursery = nursery
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.settings.metadata_ttl
+
+    def _inode(self, ino: int) -> Inode:
+        inode = self.inodes.get(ino)
+        if inode is None:
+            raise FsError(errno.ENOENT, f"unknown inode {ino}")
+        return inode
+
+    # -- names -------------------------------------------------------------------------
+
+    async def lookup(self, parent_ino: int, name: str) -> Inode:
+        """The entry ``name`` in a directory; counts one kernel reference on success."""
+        parent = self._inode(parent_ino)
+        if not parent.is_dir:
+            raise FsError(errno.ENOTDIR, "lookup in a file")
+        if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG, "name longer than 255 bytes")
+        if not is_valid_name(name):
+            raise FsError(errno.ENOENT, "name can never be an S3 key segment")
+        inode = self.inodes.child(parent.ino, name)
+        if inode is None or not inode.is_fresh():
+            inode = await self._lookup_remote(parent, name)
+        self.inodes.add_lookup(inode)
+        return inode
+
+    async def _lookup_remote(self, parent: Inode, name: str) -> Inode:
+        key = parent.key + name
+        head: list = [None]
+        listed: list = [None]
+
+        async def head_object() -> None:
+            try:
+                head[0] = await self.client.head_object(key)
+            except NoSuchKey:
+                pass
+
+        async def list_prefix() -> None:
+            listed[0] = await self.client.list_objects(key + DELIMITER, max_keys=1)
+
+        # Both requests at once: one round trip whether the name is a file or a directory.
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(head_object)
+                nursery.start_soon(list_prefix)
+        except* ObjectClientError as group:
+            raise from_store(group.exceptions[0], during="lookup") from None
+        page = listed[0]
+        if page.objects or page.prefixes:
+            # A prefix with anything under it is a directory, and wins over an object of
+            # the same name.
+            return self.inodes.upsert(parent, name, Kind.DIR, valid_until=self._deadline())
+        if head[0] is not None:
+            info = head[0]
+            return self.inodes.upsert(parent, name, Kind.FILE, size=info.size, mtime=info.mtime,
+                                      etag=info.etag, valid_until=self._deadline())
+        self.inodes.remove_child(parent.ino, name)
+        raise FsError(errno.ENOENT, "no such object or prefix")
+
+    def forget(self, ino: int, count: int) -> None:
+        self.inodes.forget(ino, count)
+
+    def add_reference(self, inode: Inode) -> None:
+        """The kernel took a reference through a readdirplus entry."""
+        self.inodes.add_lookup(inode)
+
+    # -- attributes ----------------------------------------------------------------------
+
+    async def getattr(self, ino: int) -> Inode:
+        inode = self._inode(ino)
+        if inode.is_dir or inode.is_fresh():
+            return inode
+        try:
+            info = await self.client.head_object(inode.key)
+        except NoSuchKey:
+            raise FsError(errno.ENOENT, "object deleted in S3") from None
+        except ObjectClientError as exc:
+            raise from_store(exc, during="getattr") from None
+        if info.etag != inode.etag or info.size != inode.size:
+            log.debug("object changed in S3", key=inode.key)
+        inode.size, inode.etag, inode.mtime = info.size, info.etag, info.mtime
+        inode.valid_until = self._deadline()
+        return inode
+
+    def attr_timeout(self) -> float:
+        return self.settings.metadata_ttl
+
+    # -- directories ---------------------------------------------------------------------
+
+    async def opendir(self, ino: int) -> int:
+        inode = self._inode(ino)
+        if not inode.is_dir:
+            raise FsError(errno.ENOTDIR, "opendir of a file")
+        fh = next(self._next_fh)
+        self._handles[fh] = DirHandle(inode, DirectoryListing(self.client, inode.key))
+        return fh
+
+    async def readdir(self, fh: int, start: int, emit: Callable[[str, Inode, int], bool]) -> None:
+        """Call ``emit(name, inode, next_offset)`` for entries from offset ``start`` on,
+        until it returns False (the kernel's buffer is full) or the directory ends.
+        Entries other than "." and ".." that ``emit`` accepts count a kernel reference."""
+        handle = self._handle(fh, DirHandle)
+        if start == 0 and handle.entries:
+            # Rewound: list afresh, as a local filesystem would show new entries.
+            handle.listing = DirectoryListing(self.client, handle.inode.key)
+            handle.entries.clear()
+        dots = [(".", handle.inode), ("..", self.inodes.get(handle.inode.parent) or handle.inode)]
+        offset = start
+        while True:
+            if offset < 2:
+                name, inode = dots[offset]
+                if not emit(name, inode, offset + 1):
+                    return
+                offset += 1
+                continue
+            index = offset - 2
+            while index >= len(handle.entries) and not handle.listing.done:
+                await self._list_more(handle)
+            if index >= len(handle.entries):
+                return
+            name, inode = handle.entries[index]
+            if not emit(name, inode, offset + 1):
+                return
+            self.inodes.add_lookup(inode)
+            offset += 1
+
+    async def _list_more(self, handle: DirHandle) -> None:
+        try:
+            batch = await handle.listing.next_batch()
+        except ObjectClientError as exc:
+            raise from_store(exc, during="readdir") from None
+        deadline = self._deadline()
+        for entry in batch:
+            handle.entries.append((entry.name, self._remember(handle.inode, entry, deadline)))
+
+    def _remember(self, parent: Inode, entry: Entry, deadline: float) -> Inode:
+        if entry.info is None:
+            return self.inodes.upsert(parent, entry.name, Kind.DIR, valid_until=deadline)
+        info = entry.info
+        return self.inodes.upsert(parent, entry.name, Kind.FILE, size=info.size, mtime=info.mtime,
+                                  etag=info.etag, valid_until=deadline)
+
+    def releasedir(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    # -- files ---------------------------------------------------------------------------
+
+    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
+        """A handle for reading; returns (fh, keep_cache): whether the kernel's cached pages
+        of this inode are still the object's bytes."""
+        inode = self._inode(ino)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR, "open of a directory")
+        if flags & WRITE_FLAGS:
+            raise FsError(errno.EROFS, "writes are not supported yet: the mount is read-only")
+        if not inode.is_fresh():
+            await self.getattr(ino)
+        assert inode.etag is not None
+        if self._nursery is None:
+            raise RuntimeError("Filesystem.start() was not called")
+        keep_cache = inode.open_etag == inode.etag
+        inode.open_etag = inode.etag
+        reader = Prefetcher(self.client, inode.key, inode.etag, inode.size, config=self._prefetch,
+                            budget=self.budget, nursery=self._nursery)
+        fh = next(self._next_fh)
+        self._handles[fh] = FileHandle(inode, reader)
+        return fh, keep_cache
+
+    async def read(self, fh: int, offset: int, length: int) -> bytes:
+        handle = self._handle(fh, FileHandle)
+        return await handle.reader.read(offset, length)
+
+    def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if isinstance(handle, FileHandle):
+            handle.reader.close()
+
+    def _handle(self, fh: int, kind: type[_H]) -> _H:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, kind):
+            raise FsError(errno.EBADF, f"no such handle {fh}")
+        return handle
+
+    # -- the mount -----------------------------------------------------------------------
+
+    def statfs(self) -> dict[str, int]:
+        # S3 has no capacity to report; large round numbers keep tools that check free
+        # space before writing (installers, tar) from refusing.
+        block = 4096
+        blocks = 2**50 // block
+        return {"block_size": block, "blocks": blocks, "free": blocks, "files": 2**32, "files_free": 2**32,
+                "name_max": 255}
+
+    async def aclose(self) -> None:
+        for fh in list(self._handles):
+            self.release(fh)
+        await self.client.aclose()
+

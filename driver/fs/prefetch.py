@@ -1,0 +1,236 @@
+"""Reading an object through ranged GETs: prefetch for sequential readers, little waste
+for random ones, and one memory budget for all the open files of a mount.
+
+A reader that keeps reading where it left off gets requests ahead of it: each new request
+twice the size of the one before, from ``min_request`` up to ``max_request`` (one HTTP
+request each), at most ``max_ahead`` of them outstanding. A read elsewhere cancels what
+was fetched ahead and fetches just what it needs (at least ``min_request``). Every request
+carries If-Match with the ETag the file was opened with, so a handle never returns bytes
+of two versions of an object.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+
+from driver.fs.errors import FsError, from_store
+from driver.s3.api import ObjectClient, ObjectClientError
+
+log = structlog.get_logger("pail.prefetch")
+
+
+class MemoryBudget:
+    """Bytes of fetched object data that all open files of a mount may hold."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+
+    def try_reserve(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self._take(n)
+        return True
+
+    def reserve_anyway(self, n: int) -> None:
+        """For the bytes a read needs now: waiting could deadlock, and it is bounded by the
+        number of concurrent reads times the request size."""
+        self._take(n)
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        assert self.used >= 0, "memory budget released more than reserved"
+
+    def _take(self, n: int) -> None:
+        self.used += n
+        self.peak = max(self.peak, self.used)
+
+
+@dataclass(eq=False)
+class _Chunk:
+    start: int
+    end: int
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes = b""
+    error: FsError | None = None
+    cancelled: bool = False
+    reserved: int = 0  # bytes of the memory budget this chunk holds
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    min_request: int
+    max_request: int
+    max_ahead: int
+    # A read this far before the reader's position still counts as sequential: the kernel
+    # sends concurrent readahead requests that may arrive slightly out of order.
+    behind_slack: int = 1024 * 1024
+
+
+class Prefetcher:
+    """The reads of one open file handle."""
+
+    def __init__(
+        self,
+        client: ObjectClient,
+        key: str,
+        etag: str,
+        size: int,
+        *,
+        config: PrefetchConfig,
+        budget: MemoryBudget,
+        nursery: trio.Nursery,
+    ) -> None:
+        self._client = client
+        self._key = key
+        self._etag = etag
+        self._size = size
+        self._config = config
+        self._budget = budget
+        self._nursery = nursery
+        self._chunks: list[_Chunk] = []  # contiguous, in offset order
+        self._next_size = config.min_request
+        self._position = 0  # end of the last read: where a sequential reader reads next
+        self._stale: FsError | None = None
+        self._closed = False
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if self._stale is not None:
+            raise self._stale
+        if self._closed:
+            raise FsError(errno.EBADF, "read after release")
+        end = min(offset + length, self._size)
+        if offset >= end:
+            return b""
+        sequential = self._is_sequential(offset)
+        if not sequential:
+            self._reset()
+        self._drop_behind(offset)
+        self._cover(offset, end)
+        self._position = max(self._position, end) if sequential else end
+        if sequential:
+            self._prefetch_ahead()
+        parts = []
+        pos = offset
+        for chunk in [c for c in self._chunks if c.start < end and c.end > offset]:
+            await chunk.done.wait()
+            if chunk.cancelled:
+                break  # another read on this handle moved the window: fetch the rest directly
+            if chunk.error is not None:
+                if chunk.error.errno == errno.ESTALE:
+                    self._stale = chunk.error
+                self._discard(chunk)
+                raise chunk.error
+            piece = chunk.data[pos - chunk.start : end - chunk.start]
+            parts.append(piece)
+            pos += len(piece)
+            if pos < min(end, chunk.end):
+                return b"".join(parts)  # the object is shorter than its size said: EOF here
+        if pos < end:
+            parts.append(await self._fetch_direct(pos, end))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _fetch_direct(self, start: int, end: int) -> bytes:
+        try:
+            return await self._client.get_range(self._key, start, end - start, etag=self._etag)
+        except ObjectClientError as exc:
+            error = from_store(exc, during="read")
+            if error.errno == errno.ESTALE:
+                self._stale = error
+            raise error from None
+
+    def close(self) -> None:
+        self._closed = True
+        for chunk in self._chunks:
+            self._cancel(chunk)
+        self._chunks.clear()
+
+    # -- window bookkeeping -------------------------------------------------------------
+
+    def _is_sequential(self, offset: int) -> bool:
+        if not self._chunks:
+            return offset == self._position and offset > 0
+        first, last = self._chunks[0].start, self._chunks[-1].end
+        # Within what is fetched, or a little past it (out-of-order kernel readahead).
+        return first <= offset <= last + self._config.max_request
+
+    def _reset(self) -> None:
+        for chunk in self._chunks:
+            self._cancel(chunk)
+        self._chunks.clear()
+        self._next_size = self._config.min_request
+
+    def _drop_behind(self, offset: int) -> None:
+        keep_from = offset - self._config.behind_slack
+        while self._chunks and self._chunks[0].end <= keep_from:
+            self._cancel(self._chunks.pop(0))
+
+    def _cover(self, offset: int, end: int) -> None:
+        """Make sure chunks cover [offset, end): the bytes this read needs, fetched now."""
+        if not self._chunks:
+            size = max(self._config.min_request, end - offset)
+            self._issue(offset, size, forced=True)
+            return
+        while self._chunks[-1].end < end:
+            self._issue(self._chunks[-1].end, self._grow(), forced=True)
+
+    def _prefetch_ahead(self) -> None:
+        last = self._chunks[-1]
+        ahead = sum(1 for c in self._chunks if c.end > self._position)
+        while ahead < self._config.max_ahead and last.end < self._size:
+            size = self._grow()
+            if not self._issue(last.end, size, forced=False):
+                break  # the mount's budget is spent: read on without prefetching
+            last = self._chunks[-1]
+            ahead += 1
+
+    def _grow(self) -> int:
+        size = self._next_size
+        self._next_size = min(self._next_size * 2, self._config.max_request)
+        return size
+
+    def _issue(self, start: int, size: int, *, forced: bool) -> bool:
+        end = min(start + size, self._size)
+        if end <= start:
+            return False
+        if forced:
+            self._budget.reserve_anyway(end - start)
+        elif not self._budget.try_reserve(end - start):
+            return False
+        chunk = _Chunk(start, end, reserved=end - start)
+        self._chunks.append(chunk)
+        self._nursery.start_soon(self._fetch, chunk)
+        return True
+
+    async def _fetch(self, chunk: _Chunk) -> None:
+        with chunk.scope:
+            try:
+                chunk.data = await self._client.get_range(
+                    self._key, chunk.start, chunk.end - chunk.start, etag=self._etag
+                )
+            except ObjectClientError as exc:
+                chunk.error = from_store(exc, during="read")
+                log.warning("read failed", key=self._key, start=chunk.start, end=chunk.end,
+                            errno=chunk.error.errno, **exc.log_fields())
+        chunk.done.set()
+
+    def _cancel(self, chunk: _Chunk) -> None:
+        chunk.cancelled = True
+        chunk.scope.cancel()
+        chunk.done.set()
+        self._release(chunk)
+
+    def _discard(self, chunk: _Chunk) -> None:
+        if chunk in self._chunks:
+            self._chunks.remove(chunk)
+        self._release(chunk)
+
+    def _release(self, chunk: _Chunk) -> None:
+        self._budget.release(chunk.reserved)
+        chunk.reserved = 0

@@ -1,0 +1,194 @@
+"""pyfuse3 Operations over ``driver.fs.core.Filesystem``: translation only.
+
+Every handler goes through ``_errors``, the one place where filesystem errors become
+``FUSEError`` and anything unexpected becomes EIO instead of stopping the FUSE loop.
+Operations this class does not define (xattrs, fallocate, locks...) keep pyfuse3's
+ENOSYS: for xattrs the kernel then answers EOPNOTSUPP itself and stops asking, so
+``ls -l`` costs no xattr round trips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+import os
+import stat
+from collections.abc import Iterator
+
+import pyfuse3
+import structlog
+
+from driver.fs.core import Filesystem
+from driver.fs.errors import FsError
+from driver.fs.inode import Inode
+
+log = structlog.get_logger("pail.fuse")
+
+# The kernel takes entry and attribute timeouts in seconds; 'indefinite' becomes ten years.
+KERNEL_TTL_MAX = 10 * 365 * 24 * 3600.0
+_NS = 1_000_000_000
+# Expected answers, not failures worth a warning.
+_QUIET_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENAMETOOLONG}
+
+
+@contextlib.contextmanager
+def _errors(op: str, **fields: object) -> Iterator[None]:
+    try:
+        yield
+    except FsError as exc:
+        level = log.debug if exc.errno in _QUIET_ERRNOS else log.warning
+        level("operation failed", op=op, errno=errno.errorcode.get(exc.errno, exc.errno),
+              reason=exc.reason, **fields, **exc.fields)
+        raise pyfuse3.FUSEError(exc.errno) from None
+    except pyfuse3.FUSEError:
+        raise
+    except Exception:
+        log.exception("operation failed unexpectedly", op=op, **fields)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+
+
+class Operations(pyfuse3.Operations):
+    """Each method: log at debug, call the core, convert the result."""
+
+    def __init__(self, fs: Filesystem, *, read_only: bool = True) -> None:
+        super().__init__()
+        self.fs = fs
+        self.read_only = read_only
+        ttl = fs.settings.metadata_ttl
+        self._ttl = KERNEL_TTL_MAX if math.isinf(ttl) else ttl
+
+    # -- conversion ----------------------------------------------------------------------
+
+    def _attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        settings = self.fs.settings
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode.ino
+        attr.generation = 0
+        attr.entry_timeout = self._ttl
+        attr.attr_timeout = self._ttl
+        if inode.is_dir:
+            attr.st_mode = stat.S_IFDIR | settings.dir_mode
+            attr.st_nlink = 2
+            attr.st_size = 0
+        else:
+            attr.st_mode = stat.S_IFREG | settings.file_mode
+            attr.st_nlink = 1
+            attr.st_size = inode.size
+        attr.st_uid = settings.uid
+        attr.st_gid = settings.gid
+        attr.st_blksize = 512 * 1024  # large reads suit S3 better than 4 KiB ones
+        attr.st_blocks = (attr.st_size + 511) // 512
+        mtime_ns = int(inode.mtime * _NS)
+        attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = mtime_ns
+        return attr
+
+    # -- names and attributes ------------------------------------------------------------
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        text = os.fsdecode(name)
+        log.debug("lookup", op="lookup", parent=parent_inode, name=text)
+        with _errors("lookup", parent=parent_inode, name=text):
+            try:
+                inode = await self.fs.lookup(parent_inode, text)
+            except FsError as exc:
+                if exc.errno == errno.ENOENT and self._ttl > 0:
+                    # Let the kernel cache the miss for the TTL, as it caches hits.
+                    miss = pyfuse3.EntryAttributes()
+                    miss.st_ino = 0
+                    miss.entry_timeout = self._ttl
+                    return miss
+                raise
+            return self._attributes(inode)
+
+    async def forget(self, inode_list):
+        for ino, count in inode_list:
+            self.fs.forget(ino, count)
+
+    async def getattr(self, inode, ctx=None):
+        log.debug("getattr", op="getattr", inode=inode)
+        with _errors("getattr", inode=inode):
+            return self._attributes(await self.fs.getattr(inode))
+
+    async def statfs(self, ctx):
+        info = self.fs.statfs()
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = info["block_size"]
+        data.f_blocks = info["blocks"]
+        data.f_bfree = data.f_bavail = info["free"]
+        data.f_files = info["files"]
+        data.f_ffree = data.f_favail = info["files_free"]
+        data.f_namemax = info["name_max"]
+        return data
+
+    # -- directories ---------------------------------------------------------------------
+
+    async def opendir(self, inode, ctx):
+        log.debug("opendir", op="opendir", inode=inode)
+        with _errors("opendir", inode=inode):
+            return await self.fs.opendir(inode)
+
+    async def readdir(self, fh, start_id, token):
+        log.debug("readdir", op="readdir", fh=fh, start=start_id)
+
+        def emit(name: str, inode: Inode, next_id: int) -> bool:
+            return pyfuse3.readdir_reply(token, os.fsencode(name), self._attributes(inode), next_id)
+
+        with _errors("readdir", fh=fh):
+            await self.fs.readdir(fh, start_id, emit)
+
+    async def releasedir(self, fh):
+        self.fs.releasedir(fh)
+
+    # -- files ---------------------------------------------------------------------------
+
+    async def open(self, inode, flags, ctx):
+        log.debug("open", op="open", inode=inode, flags=flags)
+        with _errors("open", inode=inode):
+            fh, keep_cache = await self.fs.open(inode, flags)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+
+    async def read(self, fh, off, size):
+        with _errors("read", fh=fh, offset=off, size=size):
+            return await self.fs.read(fh, off, size)
+
+    async def release(self, fh):
+        self.fs.release(fh)
+
+    # -- refused while writes are not implemented ----------------------------------------
+    # The mount is read-only ("ro"), so the kernel answers EROFS before these are called;
+    # they answer the same should a request arrive anyway.
+
+    async def _read_only(self, op: str):
+        with _errors(op):
+            raise FsError(errno.EROFS, "the mount is read-only")
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        await self._read_only("setattr")
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        await self._read_only("mknod")
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        await self._read_only("mkdir")
+
+    async def unlink(self, parent_inode, name, ctx):
+        await self._read_only("unlink")
+
+    async def rmdir(self, parent_inode, name, ctx):
+        await self._read_only("rmdir")
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        await self._read_only("symlink")
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self._read_only("rename")
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        await self._read_only("link")
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        await self._read_only("create")
+
+    async def write(self, fh, off, buf):
+        await self._read_only("write")

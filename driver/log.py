@@ -1,0 +1,57 @@
+"""Structured logging: one event per line, JSON for machines or console for people.
+
+Every component logs through structlog with key-value fields (``op``, ``key``, S3 status);
+the mount binds ``bucket`` and ``prefix`` (and the node server will bind the volume id)
+so each line says which volume it is about. Nothing here formats secrets: callers never
+pass them.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+from typing import TextIO
+
+import structlog
+
+FORMATS = ("json", "console")
+
+
+def configure(fmt: str = "console", *, debug: bool = False, stream: TextIO | None = None,
+              path: str | None = None, syslog: bool = False) -> None:
+    """Send Pail's events to ``path``, syslog, or ``stream`` (stderr by default)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}")
+    level = logging.DEBUG if debug else logging.INFO
+    if path:
+        handler: logging.Handler = logging.FileHandler(path)
+    elif syslog and os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.ident = "pail: "
+    else:
+        handler = logging.StreamHandler(stream or sys.stderr)
+    renderer = (structlog.processors.JSONRenderer() if fmt == "json"
+                else structlog.dev.ConsoleRenderer(colors=False))
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(processors=[
+        structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer]))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Libraries log at DEBUG with request details (and botocore with signing inputs): keep
+    # them at WARNING even when Pail itself is at DEBUG.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "pyfuse3", "trio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,71 @@
+"""The mount process: build the S3 client, check the bucket, serve the mount.
+
+The same function runs for ``pail mount --foreground`` and for the process that plain
+``pail mount`` (and, later, the node server) starts; ``ready_fd`` is how such a parent
+learns that the mount answers, or why it does not.
+"""
+
+from __future__ import annotations
+
+import os
+
+import structlog
+import trio
+
+from driver.config import MountConfig
+from driver.fuse.session import serve
+from driver.s3 import api
+from driver.s3.client import S3ObjectClient, describe_bucket_error
+
+log = structlog.get_logger("pail.mount")
+
+
+class _Parent:
+    """Tells the starting process 'ready' or 'error: ...' exactly once."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    def say(self, line: str) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.write(fd, (line + "\n").encode())
+        except OSError:
+            pass  # the parent gave up waiting; the mount carries on
+        finally:
+            os.close(fd)
+
+
+def run_mount(config: MountConfig, region: str, *, ready_fd: int | None = None) -> int:
+    parent = _Parent(ready_fd)
+    structlog.contextvars.bind_contextvars(bucket=config.s3.bucket, prefix=config.fs.prefix)
+
+    async def main() -> None:
+        client = S3ObjectClient(config.s3, region)
+        try:
+            await client.head_bucket()
+        except api.ObjectClientError as exc:
+            await client.aclose()
+            raise _StartError(describe_bucket_error(exc, config.s3)) from None
+        await serve(config, client, on_ready=lambda: parent.say("ready"))
+
+    try:
+        trio.run(main)
+    except _StartError as exc:
+        log.error("mount failed", reason=str(exc))
+        parent.say(f"error: {exc}")
+        return 1
+    except RuntimeError as exc:  # pyfuse3.init: the kernel refused the mount
+        log.error("mount failed", reason=str(exc))
+        parent.say(f"error: mounting {config.mountpoint} failed: {exc}")
+        return 1
+    except BaseException as exc:
+        parent.say(f"error: {type(exc).__name__}: {exc}")
+        raise
+    return 0
+
+
+class _StartError(Exception):
+    pass

@@ -1,0 +1,106 @@
+"""The interface between the filesystem core and an object store.
+
+Every method is async (trio). Implementations raise the errors below and nothing else;
+the core maps them to errnos in one place (``driver.fs.errors``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """What the store says about one object."""
+
+    key: str
+    size: int
+    etag: str
+    mtime: float  # seconds since the epoch (S3 LastModified)
+
+
+@dataclass(frozen=True, slots=True)
+class ListPage:
+    """One page of ListObjectsV2: objects and common prefixes, each sorted by key."""
+
+    objects: list[ObjectInfo] = field(default_factory=list)
+    prefixes: list[str] = field(default_factory=list)  # full keys, ending with the delimiter
+    next_token: str | None = None
+
+
+class ObjectClientError(Exception):
+    """An S3 request failed after the client's own retries.
+
+    ``status`` is the HTTP status (None when no response arrived), ``code`` the S3 error
+    code when the store sent one, ``operation`` the S3 operation name.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str,
+        status: int | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.status = status
+        self.code = code
+
+    def log_fields(self) -> dict[str, object]:
+        return {"s3_operation": self.operation, "s3_status": self.status, "s3_code": self.code}
+
+
+class NoSuchKey(ObjectClientError):
+    """The object does not exist (404 on HEAD or GET)."""
+
+
+class NoSuchBucket(ObjectClientError):
+    """The bucket does not exist."""
+
+
+class AccessDenied(ObjectClientError):
+    """The store refused the credentials or the request (401/403)."""
+
+
+class PreconditionFailed(ObjectClientError):
+    """An If-Match condition failed: the object was replaced since its ETag was read."""
+
+
+class Unreachable(ObjectClientError):
+    """No answer: connection refused, reset or timed out after the retries."""
+
+
+class ObjectClient(Protocol):
+    """The operations the filesystem needs, on one bucket.
+
+    Keys are full object keys; the mount's prefix is the core's business.
+    """
+
+    async def head_bucket(self) -> None:
+        """Check that the bucket exists and the credentials may use it."""
+
+    async def head_object(self, key: str) -> ObjectInfo:
+        """Raise NoSuchKey when there is no object with exactly this key."""
+
+    async def list_objects(
+        self,
+        prefix: str,
+        *,
+        delimiter: str = "/",
+        continuation_token: str | None = None,
+        max_keys: int = 1000,
+    ) -> ListPage:
+        """One ListObjectsV2 page."""
+
+    async def get_range(self, key: str, start: int, length: int, *, etag: str) -> bytes:
+        """Bytes [start, start + length) of the object, only if its ETag is still ``etag``.
+
+        Raise PreconditionFailed when the object changed, NoSuchKey when it is gone.
+        May return fewer bytes only at the end of the object.
+        """
+
+    async def aclose(self) -> None:
+        """Release connections and threads."""

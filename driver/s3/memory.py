@@ -1,0 +1,133 @@
+"""An in-memory object store with S3's listing and conditional-read semantics.
+
+For unit tests of the filesystem core: no network, no threads, deterministic. It records
+every call so tests can count requests the way the proxy does for the real client.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import time
+from dataclasses import dataclass
+
+import trio
+
+from driver.s3.api import ListPage, NoSuchKey, ObjectInfo, PreconditionFailed
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    operation: str
+    key: str
+    start: int = 0
+    length: int = 0
+
+
+class MemoryClient:
+    """Objects in a dict; keys kept sorted for listing."""
+
+    def __init__(self, *, latency: float = 0.0) -> None:
+        self._data: dict[str, bytes] = {}
+        self._info: dict[str, ObjectInfo] = {}
+        self._keys: list[str] = []
+        self._version = 0
+        self.latency = latency  # seconds each request takes, to let prefetches overlap
+        self.calls: list[Call] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    # -- what tests do "from outside", like another S3 client would --------------------
+
+    def put(self, key: str, data: bytes, *, mtime: float | None = None) -> ObjectInfo:
+        self._version += 1
+        etag = '"%s"' % hashlib.md5(data + str(self._version).encode()).hexdigest()
+        info = ObjectInfo(key=key, size=len(data), etag=etag, mtime=mtime or time.time())
+        if key not in self._data:
+            bisect.insort(self._keys, key)
+        self._data[key] = bytes(data)
+        self._info[key] = info
+        return info
+
+    def delete(self, key: str) -> None:
+        if key in self._data:
+            del self._data[key]
+            del self._info[key]
+            self._keys.remove(key)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    # -- ObjectClient -------------------------------------------------------------------
+
+    async def _request(self, call: Call) -> None:
+        self.calls.append(call)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await trio.sleep(self.latency)
+        finally:
+            self.in_flight -= 1
+
+    async def head_bucket(self) -> None:
+        await self._request(Call("HeadBucket", ""))
+
+    async def head_object(self, key: str) -> ObjectInfo:
+        await self._request(Call("HeadObject", key))
+        try:
+            return self._info[key]
+        except KeyError:
+            raise NoSuchKey(f"no object {key!r}", operation="HeadObject", status=404) from None
+
+    async def list_objects(
+        self,
+        prefix: str,
+        *,
+        delimiter: str = "/",
+        continuation_token: str | None = None,
+        max_keys: int = 1000,
+    ) -> ListPage:
+        await self._request(Call("ListObjectsV2", prefix))
+        # The token is the last key or common prefix returned.
+        if continuation_token is None:
+            i = bisect.bisect_left(self._keys, prefix)
+        else:
+            i = self._skip_past(continuation_token, delimiter)
+        objects: list[ObjectInfo] = []
+        prefixes: list[str] = []
+        last: str | None = None
+        while i < len(self._keys) and len(objects) + len(prefixes) < max_keys:
+            key = self._keys[i]
+            if not key.startswith(prefix):
+                break
+            cut = key.find(delimiter, len(prefix)) if delimiter else -1
+            if cut >= 0:
+                last = key[: cut + len(delimiter)]
+                prefixes.append(last)
+                i = self._skip_past(last, delimiter)
+                continue
+            objects.append(self._info[key])
+            last = key
+            i += 1
+        more = i < len(self._keys) and self._keys[i].startswith(prefix)
+        return ListPage(objects=objects, prefixes=prefixes, next_token=last if more else None)
+
+    def _skip_past(self, entry: str, delimiter: str) -> int:
+        """Index of the first key after ``entry`` and, for a common prefix, after all under it."""
+        i = bisect.bisect_right(self._keys, entry)
+        if delimiter and entry.endswith(delimiter):
+            while i < len(self._keys) and self._keys[i].startswith(entry):
+                i += 1
+        return i
+
+    async def get_range(self, key: str, start: int, length: int, *, etag: str) -> bytes:
+        await self._request(Call("GetObject", key, start, length))
+        info = self._info.get(key)
+        if info is None:
+            raise NoSuchKey(f"no object {key!r}", operation="GetObject", status=404)
+        if info.etag != etag:
+            raise PreconditionFailed(f"{key!r} changed", operation="GetObject", status=412)
+        return self._data[key][start : start + length]
+
+    async def aclose(self) -> None:
+        pass
