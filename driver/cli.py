@@ -131,9 +131,12 @@ def _check_before_mount(config: MountConfig) -> str:
     problem = check_mount_directory(config.mountpoint)
     if problem:
         raise CommandError(problem)
-    region = detect_region(config.s3)
+    import boto3
+
+    session = boto3.Session()  # one session: the client models load once
+    region = detect_region(config.s3, session)
     try:
-        check_bucket(config.s3, region)
+        check_bucket(config.s3, region, session)
     except api.ObjectClientError as exc:
         raise CommandError(describe_bucket_error(exc, config.s3)) from None
     return region

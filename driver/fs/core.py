@@ -42,9 +42,20 @@ class FileHandle:
 @dataclass(eq=False)
 class DirHandle:
     inode: Inode
-    listing: DirectoryListing
-    # Entries listed so far; entry i has readdir offset i + 1 ("." and ".." come first).
+    listing: DirectoryListing | None  # None once the whole directory is listed
+    # Entries listed so far; entry i has readdir offset i + 3 ("." and ".." come first).
     entries: list[tuple[str, Inode]] = field(default_factory=list)
+    listed: list[Entry] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _CachedListing:
+    entries: list[Entry]
+    valid_until: float
+
+
+# Entries of complete listings kept for reuse within the TTL, all directories together.
+MAX_CACHED_ENTRIES = 200_000
 
 
 class Filesystem:
@@ -59,6 +70,8 @@ class Filesystem:
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._next_fh = itertools.count(1)
         self._nursery: trio.Nursery | None = None
+        self._listings: dict[int, _CachedListing] = {}
+        self._cached_entries = 0
 
     def start(self, nursery: trio.Nursery) -> None:
         """Background work (prefetch requests) runs in ``nursery``, which outlives handles."""
@@ -91,7 +104,25 @@ class Filesystem:
         return inode
 
     async def _lookup_remote(self, parent: Inode, name: str) -> Inode:
+        before = self.inodes.child(parent.ino, name)
+        try:
+            found = await self._ask_s3(parent, name, was_dir=before is not None and before.is_dir)
+        except FsError as exc:
+            if exc.errno == errno.ENOENT and before is not None:
+                self._forget_listing(parent.ino)  # the cached listing shows a name now gone
+            raise
+        if before is None or before.kind is not found.kind:
+            self._forget_listing(parent.ino)  # the cached listing lacks this name or kind
+        return found
+
+    async def _ask_s3(self, parent: Inode, name: str, *, was_dir: bool) -> Inode:
         key = parent.key + name
+        if was_dir:
+            # Revalidating a directory: while anything is under it, it is a directory
+            # whatever else exists (the directory wins), so one LIST answers.
+            page = await self._list_one(key + DELIMITER)
+            if page.objects or page.prefixes:
+                return self.inodes.upsert(parent, name, Kind.DIR, valid_until=self._deadline())
         head: list = [None]
         listed: list = [None]
 
@@ -100,17 +131,19 @@ class Filesystem:
                 head[0] = await self.client.head_object(key)
             except NoSuchKey:
                 pass
+            except ObjectClientError as exc:
+                raise from_store(exc, during="lookup") from None
 
         async def list_prefix() -> None:
-            listed[0] = await self.client.list_objects(key + DELIMITER, max_keys=1)
+            listed[0] = await self._list_one(key + DELIMITER)
 
         # Both requests at once: one round trip whether the name is a file or a directory.
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(head_object)
                 nursery.start_soon(list_prefix)
-        except* ObjectClientError as group:
-            raise from_store(group.exceptions[0], during="lookup") from None
+        except* FsError as group:
+            raise group.exceptions[0] from None
         page = listed[0]
         if page.objects or page.prefixes:
             # A prefix with anything under it is a directory, and wins over an object of
@@ -123,8 +156,16 @@ class Filesystem:
         self.inodes.remove_child(parent.ino, name)
         raise FsError(errno.ENOENT, "no such object or prefix")
 
+    async def _list_one(self, prefix: str):
+        try:
+            return await self.client.list_objects(prefix, max_keys=1)
+        except ObjectClientError as exc:
+            raise from_store(exc, during="lookup") from None
+
     def forget(self, ino: int, count: int) -> None:
         self.inodes.forget(ino, count)
+        if self.inodes.get(ino) is None:
+            self._forget_listing(ino)
 
     def add_reference(self, inode: Inode) -> None:
         """The kernel took a reference through a readdirplus entry."""
@@ -139,6 +180,8 @@ class Filesystem:
         try:
             info = await self.client.head_object(inode.key)
         except NoSuchKey:
+            self.inodes.remove_child(inode.parent, inode.name)
+            self._forget_listing(inode.parent)
             raise FsError(errno.ENOENT, "object deleted in S3") from None
         except ObjectClientError as exc:
             raise from_store(exc, during="getattr") from None
@@ -158,8 +201,18 @@ class Filesystem:
         if not inode.is_dir:
             raise FsError(errno.ENOTDIR, "opendir of a file")
         fh = next(self._next_fh)
-        self._handles[fh] = DirHandle(inode, DirectoryListing(self.client, inode.key))
+        self._handles[fh] = self._start_listing(inode)
         return fh
+
+    def _start_listing(self, inode: Inode) -> DirHandle:
+        """A listing of ``inode``: from the cache while the last complete listing is within
+        the TTL (an ``ls`` right after an ``ls`` asks S3 nothing), else from S3."""
+        cached = self._listings.get(inode.ino)
+        if cached is not None and time.monotonic() < cached.valid_until:
+            handle = DirHandle(inode, None, listed=cached.entries)
+            handle.entries = [(e.name, self._remember(inode, e, cached.valid_until)) for e in cached.entries]
+            return handle
+        return DirHandle(inode, DirectoryListing(self.client, inode.key))
 
     async def readdir(self, fh: int, start: int, emit: Callable[[str, Inode, int], bool]) -> None:
         """Call ``emit(name, inode, next_offset)`` for entries from offset ``start`` on,
@@ -167,9 +220,9 @@ class Filesystem:
         Entries other than "." and ".." that ``emit`` accepts count a kernel reference."""
         handle = self._handle(fh, DirHandle)
         if start == 0 and handle.entries:
-            # Rewound: list afresh, as a local filesystem would show new entries.
-            handle.listing = DirectoryListing(self.client, handle.inode.key)
-            handle.entries.clear()
+            # Rewound: list afresh (or from a fresh cache), as a local filesystem would
+            # show what changed.
+            handle = self._handles[fh] = self._start_listing(handle.inode)
         dots = [(".", handle.inode), ("..", self.inodes.get(handle.inode.parent) or handle.inode)]
         offset = start
         while True:
@@ -180,7 +233,7 @@ class Filesystem:
                 offset += 1
                 continue
             index = offset - 2
-            while index >= len(handle.entries) and not handle.listing.done:
+            while index >= len(handle.entries) and handle.listing is not None:
                 await self._list_more(handle)
             if index >= len(handle.entries):
                 return
@@ -191,6 +244,7 @@ class Filesystem:
             offset += 1
 
     async def _list_more(self, handle: DirHandle) -> None:
+        assert handle.listing is not None
         try:
             batch = await handle.listing.next_batch()
         except ObjectClientError as exc:
@@ -198,6 +252,25 @@ class Filesystem:
         deadline = self._deadline()
         for entry in batch:
             handle.entries.append((entry.name, self._remember(handle.inode, entry, deadline)))
+        handle.listed.extend(batch)
+        if handle.listing.done:
+            handle.listing = None
+            self._cache_listing(handle.inode, handle.listed, deadline)
+
+    def _cache_listing(self, inode: Inode, entries: list[Entry], deadline: float) -> None:
+        if self.settings.metadata_ttl <= 0 or len(entries) > MAX_CACHED_ENTRIES:
+            return
+        self._listings.pop(inode.ino, None)
+        self._listings[inode.ino] = _CachedListing(entries, deadline)
+        self._cached_entries += len(entries)
+        while self._cached_entries > MAX_CACHED_ENTRIES:
+            oldest = next(iter(self._listings))  # dicts keep insertion order
+            self._cached_entries -= len(self._listings.pop(oldest).entries)
+
+    def _forget_listing(self, ino: int) -> None:
+        cached = self._listings.pop(ino, None)
+        if cached is not None:
+            self._cached_entries -= len(cached.entries)
 
     def _remember(self, parent: Inode, entry: Entry, deadline: float) -> Inode:
         if entry.info is None:

@@ -157,8 +157,9 @@ class Prefetcher:
         if not self._chunks:
             return offset == self._position and offset > 0
         first, last = self._chunks[0].start, self._chunks[-1].end
-        # Within what is fetched, or a little past it (out-of-order kernel readahead).
-        return first <= offset <= last + self._config.max_request
+        # Within what is fetched, or a little past it: the kernel's concurrent readahead
+        # requests may arrive slightly out of order.
+        return first <= offset <= last + self._config.min_request
 
     def _reset(self) -> None:
         for chunk in self._chunks:
@@ -174,7 +175,7 @@ class Prefetcher:
     def _cover(self, offset: int, end: int) -> None:
         """Make sure chunks cover [offset, end): the bytes this read needs, fetched now."""
         if not self._chunks:
-            size = max(self._config.min_request, end - offset)
+            size = max(self._grow(), end - offset)
             self._issue(offset, size, forced=True)
             return
         while self._chunks[-1].end < end:

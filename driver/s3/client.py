@@ -185,7 +185,7 @@ class _CrtDataPath:
         self._settings = settings
         # Address objects exactly as boto3 would (path or virtual-hosted style, access
         # points, custom endpoints): ask it for a URL and keep everything but the key.
-        unsigned = make_boto_client(dataclasses.replace(settings, no_sign_request=True), region)
+        unsigned = make_boto_client(dataclasses.replace(settings, no_sign_request=True), region, session)
         url = urlsplit(unsigned.generate_presigned_url(
             "get_object", Params={"Bucket": settings.bucket, "Key": "K"}, ExpiresIn=60))
         unsigned.close()

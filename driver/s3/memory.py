@@ -88,11 +88,11 @@ class MemoryClient:
         max_keys: int = 1000,
     ) -> ListPage:
         await self._request(Call("ListObjectsV2", prefix))
-        # The token is the last key or common prefix returned.
+        # The token says what was returned last: "K" + a key or "P" + a common prefix.
         if continuation_token is None:
             i = bisect.bisect_left(self._keys, prefix)
         else:
-            i = self._skip_past(continuation_token, delimiter)
+            i = self._skip_past(continuation_token[1:], common=continuation_token[0] == "P")
         objects: list[ObjectInfo] = []
         prefixes: list[str] = []
         last: str | None = None
@@ -102,20 +102,21 @@ class MemoryClient:
                 break
             cut = key.find(delimiter, len(prefix)) if delimiter else -1
             if cut >= 0:
-                last = key[: cut + len(delimiter)]
-                prefixes.append(last)
-                i = self._skip_past(last, delimiter)
+                common = key[: cut + len(delimiter)]
+                prefixes.append(common)
+                last = "P" + common
+                i = self._skip_past(common, common=True)
                 continue
             objects.append(self._info[key])
-            last = key
+            last = "K" + key
             i += 1
         more = i < len(self._keys) and self._keys[i].startswith(prefix)
         return ListPage(objects=objects, prefixes=prefixes, next_token=last if more else None)
 
-    def _skip_past(self, entry: str, delimiter: str) -> int:
+    def _skip_past(self, entry: str, *, common: bool) -> int:
         """Index of the first key after ``entry`` and, for a common prefix, after all under it."""
         i = bisect.bisect_right(self._keys, entry)
-        if delimiter and entry.endswith(delimiter):
+        if common:
             while i < len(self._keys) and self._keys[i].startswith(entry):
                 i += 1
         return i

@@ -1,0 +1,242 @@
+"""The filesystem core without a kernel: operations called directly, S3 in memory."""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+
+import pytest
+import trio
+
+from driver.config import FsSettings
+from driver.fs.core import Filesystem
+from driver.fs.errors import FsError
+from driver.fs.inode import ROOT_INODE
+from driver.s3.memory import MemoryClient
+
+
+def run(client, body, **settings):
+    """Run ``body(fs)`` against a Filesystem over ``client``; return its result."""
+    fs = Filesystem(client, FsSettings(**settings))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fs.start(nursery)
+            try:
+                return await body(fs)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    return trio.run(main)
+
+
+async def listdir(fs, ino, *, stop_every=None):
+    """All names via readdir, optionally resuming every ``stop_every`` entries as the
+    kernel does when its buffer fills."""
+    fh = await fs.opendir(ino)
+    names, offset = [], 0
+    while True:
+        batch = []
+
+        def emit(name, inode, next_offset):
+            if stop_every is not None and len(batch) >= stop_every:
+                return False
+            batch.append((name, next_offset))
+            return True
+
+        await fs.readdir(fh, offset, emit)
+        if not batch:
+            break
+        names += [n for n, _ in batch]
+        offset = batch[-1][1]
+    fs.releasedir(fh)
+    return names
+
+
+def errno_of(excinfo):
+    return excinfo.value.errno
+
+
+def test_lookup_file_directory_and_missing():
+    client = MemoryClient()
+    client.put("docs/readme.md", b"# hi")
+    client.put("top.txt", b"top")
+
+    async def body(fs):
+        docs = await fs.lookup(ROOT_INODE, "docs")
+        readme = await fs.lookup(docs.ino, "readme.md")
+        top = await fs.lookup(ROOT_INODE, "top.txt")
+        with pytest.raises(FsError) as missing:
+            await fs.lookup(ROOT_INODE, "nope")
+        with pytest.raises(FsError) as in_file:
+            await fs.lookup(top.ino, "x")
+        with pytest.raises(FsError) as too_long:
+            await fs.lookup(ROOT_INODE, "x" * 256)
+        return docs, readme, top, missing, in_file, too_long
+
+    docs, readme, top, missing, in_file, too_long = run(client, body)
+    assert docs.is_dir and not readme.is_dir and readme.size == 4 and top.key == "top.txt"
+    assert errno_of(missing) == errno.ENOENT
+    assert errno_of(in_file) == errno.ENOTDIR
+    assert errno_of(too_long) == errno.ENAMETOOLONG
+
+
+def test_readdir_resumes_at_offsets_without_skipping_or_repeating():
+    client = MemoryClient()
+    names = [f"f{i:03d}" for i in range(57)] + ["sub"]
+    for n in names[:-1]:
+        client.put(n, b"x")
+    client.put("sub/inner", b"y")
+
+    async def body(fs):
+        whole = await listdir(fs, ROOT_INODE)
+        chunked = await listdir(fs, ROOT_INODE, stop_every=5)
+        return whole, chunked
+
+    whole, chunked = run(client, body)
+    assert whole == chunked
+    assert whole[:2] == [".", ".."]
+    assert sorted(whole[2:]) == names
+
+
+def test_readdir_entries_count_kernel_references_except_dots():
+    client = MemoryClient()
+    client.put("a", b"1")
+
+    async def body(fs):
+        await listdir(fs, ROOT_INODE)
+        a = fs.inodes.child(ROOT_INODE, "a")
+        before = a.lookups
+        fs.forget(a.ino, before)
+        return before, fs.inodes.get(a.ino), fs.inodes.get(ROOT_INODE).lookups
+
+    before, after_forget, root_lookups = run(client, body)
+    assert before == 1
+    assert after_forget is None, "a forgotten file inode is dropped"
+    assert root_lookups == 1, "'.' does not count a reference to the directory"
+
+
+def test_metadata_is_cached_for_the_ttl_and_asked_again_after():
+    client = MemoryClient()
+    client.put("f", b"1")
+
+    async def body(fs):
+        await fs.lookup(ROOT_INODE, "f")
+        calls = len(client.calls)
+        await fs.lookup(ROOT_INODE, "f")
+        return len(client.calls) - calls
+
+    assert run(client, body, metadata_ttl=math.inf) == 0
+    assert run(client, body, metadata_ttl=0) == 2  # HEAD + LIST again
+
+
+@pytest.mark.parametrize("ttl,expected", [(0, b"newer content"), (math.inf, b"old")])
+def test_remote_change_shows_after_ttl(ttl, expected):
+    client = MemoryClient()
+    client.put("f", b"old")
+
+    async def body(fs):
+        f = await fs.lookup(ROOT_INODE, "f")
+        client.put("f", b"newer content")
+        return (await fs.getattr(f.ino)).size
+
+    assert run(client, body, metadata_ttl=ttl) == len(expected)
+
+
+def test_open_read_release():
+    client = MemoryClient()
+    data = os.urandom(3 * 1024 * 1024 + 7)
+    client.put("blob", data)
+
+    async def body(fs):
+        blob = await fs.lookup(ROOT_INODE, "blob")
+        fh, keep_cache = await fs.open(blob.ino, os.O_RDONLY)
+        parts = [await fs.read(fh, off, 128 * 1024) for off in range(0, len(data), 128 * 1024)]
+        fs.release(fh)
+        fh2, keep_cache_again = await fs.open(blob.ino, os.O_RDONLY)
+        fs.release(fh2)
+        return b"".join(parts), keep_cache, keep_cache_again, fs.budget.used
+
+    read, first_keep, second_keep, used = run(client, body)
+    assert read == data
+    assert (first_keep, second_keep) == (False, True)
+    assert used == 0
+
+
+@pytest.mark.parametrize("flags", [os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_WRONLY | os.O_APPEND])
+def test_open_for_writing_is_erofs(flags):
+    client = MemoryClient()
+    client.put("f", b"1")
+
+    async def body(fs):
+        f = await fs.lookup(ROOT_INODE, "f")
+        with pytest.raises(FsError) as error:
+            await fs.open(f.ino, flags)
+        return error.value.errno
+
+    assert run(client, body) == errno.EROFS
+
+
+def test_read_of_replaced_object_is_estale():
+    client = MemoryClient()
+    client.put("f", b"version one")
+
+    async def body(fs):
+        f = await fs.lookup(ROOT_INODE, "f")
+        fh, _ = await fs.open(f.ino, os.O_RDONLY)
+        client.put("f", b"version two!")
+        with pytest.raises(FsError) as error:
+            await fs.read(fh, 0, 4096)
+        return error.value.errno
+
+    assert run(client, body) == errno.ESTALE
+
+
+def test_kind_change_gets_a_new_inode():
+    client = MemoryClient()
+    client.put("x", b"file")
+
+    async def body(fs):
+        as_file = await fs.lookup(ROOT_INODE, "x")
+        client.delete("x")
+        client.put("x/y", b"now a dir")
+        as_dir = await fs.lookup(ROOT_INODE, "x")
+        return as_file.ino, as_dir.ino, as_dir.is_dir
+
+    file_ino, dir_ino, is_dir = run(client, body, metadata_ttl=0)
+    assert is_dir and file_ino != dir_ino
+
+
+@pytest.mark.parametrize("ttl,lists", [(math.inf, 1), (0, 2)])
+def test_second_listing_within_ttl_asks_s3_nothing(ttl, lists):
+    client = MemoryClient()
+    for i in range(10):
+        client.put(f"d/f{i}", b"x")
+
+    async def body(fs):
+        d = await fs.lookup(ROOT_INODE, "d")
+        client.calls.clear()
+        first = await listdir(fs, d.ino)
+        second = await listdir(fs, d.ino)
+        return first, second, [c.operation for c in client.calls]
+
+    first, second, operations = run(client, body, metadata_ttl=ttl)
+    assert first == second
+    assert operations == ["ListObjectsV2"] * lists
+
+
+def test_a_name_found_later_refreshes_the_cached_listing():
+    client = MemoryClient()
+    client.put("d/old", b"x")
+
+    async def body(fs):
+        d = await fs.lookup(ROOT_INODE, "d")
+        before = await listdir(fs, d.ino)
+        client.put("d/new", b"y")
+        await fs.lookup(d.ino, "new")  # e.g. the user typed the name they know exists
+        return before, await listdir(fs, d.ino)
+
+    before, after = run(client, body, metadata_ttl=math.inf)
+    assert sorted(before) == [".", "..", "old"]
+    assert sorted(after) == [".", "..", "new", "old"]

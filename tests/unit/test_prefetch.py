@@ -1,0 +1,130 @@
+"""The prefetcher against the in-memory store: request sizes, waste, memory, staleness."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import trio
+
+from driver.fs.errors import FsError
+from driver.fs.prefetch import MemoryBudget, PrefetchConfig, Prefetcher
+from driver.s3.memory import MemoryClient
+
+KiB, MiB = 1024, 1024 * 1024
+CONFIG = PrefetchConfig(min_request=256 * KiB, max_request=8 * MiB, max_ahead=4)
+
+
+def run_reads(data: bytes, reads, *, config=CONFIG, budget=None, latency=0.001, between=None):
+    """Read ``reads`` [(offset, length)] through one handle; return (bytes read, client, budget)."""
+    client = MemoryClient(latency=latency)
+    info = client.put("obj", data)
+    budget = budget or MemoryBudget(512 * MiB)
+    out = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            reader = Prefetcher(client, "obj", info.etag, info.size, config=config, budget=budget,
+                                nursery=nursery)
+            for i, (offset, length) in enumerate(reads):
+                out.append(await reader.read(offset, length))
+                if between:
+                    between(i, client)
+            reader.close()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return out, client, budget
+
+
+def test_sequential_reads_grow_requests_geometrically_to_the_cap():
+    data = os.urandom(64 * MiB)
+    reads = [(off, 128 * KiB) for off in range(0, len(data), 128 * KiB)]
+    out, client, budget = run_reads(data, reads)
+    assert b"".join(out) == data
+    # In offset order: trio starts concurrent tasks in no particular order.
+    sizes = [c.length for c in sorted(client.calls, key=lambda c: c.start) if c.operation == "GetObject"]
+    assert sizes[0] == CONFIG.min_request
+    capped = sizes.index(CONFIG.max_request)
+    # Each request doubles the one before until the cap (the last may be cut by the end).
+    assert sizes[:capped + 1] == [CONFIG.min_request * 2**i for i in range(capped + 1)]
+    assert all(s == CONFIG.max_request for s in sizes[capped:-1])
+    assert sum(sizes) == len(data), "every byte fetched exactly once"
+    assert client.max_in_flight <= CONFIG.max_ahead + 1
+    assert budget.used == 0
+
+
+def test_random_small_reads_fetch_little_more_than_asked():
+    data = os.urandom(64 * MiB)
+    rng = __import__("random").Random(7)
+    reads = [(rng.randrange(0, len(data) - 4096), 4096) for _ in range(100)]
+    out, client, _ = run_reads(data, reads)
+    assert out == [data[o:o + n] for o, n in reads]
+    fetched = sum(c.length for c in client.calls if c.operation == "GetObject")
+    assert fetched <= 100 * 2 * CONFIG.min_request
+
+
+def test_backward_seek_then_sequential_again():
+    data = os.urandom(16 * MiB)
+    reads = ([(off, 128 * KiB) for off in range(0, 4 * MiB, 128 * KiB)]
+             + [(0, 128 * KiB)]
+             + [(off, 128 * KiB) for off in range(128 * KiB, 2 * MiB, 128 * KiB)])
+    out, _, budget = run_reads(data, reads)
+    assert out == [data[o:o + n] for o, n in reads]
+    assert budget.used == 0
+
+
+def test_memory_budget_limits_prefetch_but_never_blocks_a_read():
+    data = os.urandom(32 * MiB)
+    budget = MemoryBudget(8 * MiB)
+    peaks = []
+    reads = [(off, 128 * KiB) for off in range(0, len(data), 128 * KiB)]
+    out, _, budget = run_reads(data, reads, budget=budget,
+                               between=lambda i, c: peaks.append(budget.used))
+    assert b"".join(out) == data
+    # Prefetch stays within the budget; a read's own request may go past it by one request.
+    assert max(peaks) <= budget.limit + CONFIG.max_request
+    assert budget.used == 0
+
+
+def test_object_replaced_mid_read_is_estale_never_mixed():
+    data = os.urandom(4 * MiB)
+
+    def replace_after_first(i, client):
+        if i == 0:
+            client.put("obj", b"new" * 10)
+
+    config = PrefetchConfig(min_request=128 * KiB, max_request=128 * KiB, max_ahead=1)
+    reads = [(off, 128 * KiB) for off in range(0, 2 * MiB, 128 * KiB)]
+    with pytest.raises(ExceptionGroup) as group:
+        run_reads(data, reads, config=config, between=replace_after_first)
+    error = group.value.exceptions[0]
+    assert isinstance(error, FsError) and error.errno == errno.ESTALE
+
+
+def test_concurrent_reads_on_one_handle_return_their_own_bytes():
+    data = os.urandom(8 * MiB)
+    client = MemoryClient(latency=0.002)
+    info = client.put("obj", data)
+    budget = MemoryBudget(64 * MiB)
+    offsets = [5 * MiB, 0, 3 * MiB, 128 * KiB, 7 * MiB, 256 * KiB]
+    results = {}
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            reader = Prefetcher(client, "obj", info.etag, info.size, config=CONFIG, budget=budget,
+                                nursery=nursery)
+
+            async def read(off):
+                results[off] = await reader.read(off, 128 * KiB)
+
+            async with trio.open_nursery() as readers:
+                for off in offsets:
+                    readers.start_soon(read, off)
+            reader.close()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert all(results[o] == data[o:o + 128 * KiB] for o in offsets)
+    assert budget.used == 0
