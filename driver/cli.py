@@ -28,6 +28,7 @@ from driver.config import (
     normalize_prefix,
     parse_id,
     parse_mode,
+    parse_seconds,
     parse_size,
     parse_ttl,
     validate_bucket,
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--no-sign-request", action="store_true",
                        help="send requests unsigned, for public buckets")
     where.add_argument("--ca-bundle", help="PEM file of CA certificates to trust for TLS")
+    where.add_argument("--request-timeout", default="30",
+                       help="seconds an S3 request may go unanswered before it fails with EIO "
+                            "(default 30)")
     files = mount.add_argument_group("files")
     files.add_argument("--read-only", action="store_true", help="refuse every change")
     files.add_argument("--uid", help="owner of every file and directory (default: yours)")
@@ -105,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         force_path_style=args.force_path_style,
         no_sign_request=args.no_sign_request,
         ca_bundle=args.ca_bundle or None,
+        request_timeout=parse_seconds(args.request_timeout, "--request-timeout"),
     )
     fs = FsSettings(
         prefix=normalize_prefix(args.prefix),

@@ -70,6 +70,16 @@ def parse_id(text: str, option: str) -> int:
     return value
 
 
+def parse_seconds(text: str, option: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(option, f"expected seconds, not {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(option, f"expected a positive number of seconds, not {text!r}")
+    return value
+
+
 def parse_size(text: str, option: str) -> int:
     """A byte count with an optional binary suffix: 8388608, 8M, 8MiB, 512K, 1G."""
     match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(i?b)?\s*", text.lower())
@@ -113,7 +123,13 @@ class S3Settings:
     # Bounded retries: every S3 failure becomes an error within a bounded time.
     max_attempts: int = 5
     connect_timeout: float = 5.0
-    read_timeout: float = 30.0  # per attempt without a byte arriving
+    # The longest one S3 request may wait for an answer (for a metadata request: per
+    # attempt; for a data request: in all, retries included).
+    request_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.request_timeout <= 3600:
+            raise ConfigError("--request-timeout", "must be more than 0 and at most 3600 seconds")
     user_agent_extra: str = "pail"
 
 

@@ -43,6 +43,7 @@ def configure(fmt: str = "console", *, debug: bool = False, stream: TextIO | Non
     # them at WARNING even when Pail itself is at DEBUG.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "pyfuse3", "trio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("pyfuse3").addFilter(_abandoned_reply_filter)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -55,3 +56,9 @@ def configure(fmt: str = "console", *, debug: bool = False, stream: TextIO | Non
         wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=False,
     )
+
+
+def _abandoned_reply_filter(record: logging.LogRecord) -> bool:
+    """pyfuse3 logs an error when it replies to a request the kernel has already given up
+    on (the reader was interrupted or went away): nothing failed, so it is not an error."""
+    return not ("fuse_reply_" in record.getMessage() and "No such file or directory" in record.getMessage())

@@ -41,6 +41,8 @@ class _Parent:
 def run_mount(config: MountConfig, region: str, *, ready_fd: int | None = None) -> int:
     parent = _Parent(ready_fd)
     structlog.contextvars.bind_contextvars(bucket=config.s3.bucket, prefix=config.fs.prefix)
+    log.info("starting", mountpoint=config.mountpoint, region=region, endpoint=config.s3.endpoint_url,
+             read_only=config.fs.read_only, metadata_ttl=config.fs.metadata_ttl)
 
     async def main() -> None:
         client = S3ObjectClient(config.s3, region)

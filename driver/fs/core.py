@@ -21,7 +21,7 @@ import trio
 
 from driver.config import FsSettings
 from driver.fs.errors import FsError, from_store
-from driver.fs.inode import ROOT_INODE, Inode, InodeTable, Kind
+from driver.fs.inode import Inode, InodeTable, Kind
 from driver.fs.listing import DirectoryListing, Entry
 from driver.fs.names import DELIMITER, NAME_MAX, is_valid_name
 from driver.fs.prefetch import MemoryBudget, PrefetchConfig, Prefetcher
@@ -72,6 +72,9 @@ class Filesystem:
         self._nursery: trio.Nursery | None = None
         self._listings: dict[int, _CachedListing] = {}
         self._cached_entries = 0
+        # Called with an inode number when its size or mtime changed outside a reply to the
+        # kernel; the FUSE adapter invalidates the kernel's cached attributes.
+        self.on_attributes_changed: Callable[[int], None] = lambda ino: None
 
     def start(self, nursery: trio.Nursery) -> None:
         """Background work (prefetch requests) runs in ``nursery``, which outlives handles."""
@@ -185,10 +188,14 @@ class Filesystem:
             raise FsError(errno.ENOENT, "object deleted in S3") from None
         except ObjectClientError as exc:
             raise from_store(exc, during="getattr") from None
-        if info.etag != inode.etag or info.size != inode.size:
-            log.debug("object changed in S3", key=inode.key)
+        changed = (info.size, info.mtime) != (inode.size, inode.mtime)
         inode.size, inode.etag, inode.mtime = info.size, info.etag, info.mtime
         inode.valid_until = self._deadline()
+        if changed:
+            # The kernel may hold the old size for its own TTL (an open() does not refresh
+            # it), and would cut reads of a grown object short.
+            log.debug("object changed in S3", key=inode.key)
+            self.on_attributes_changed(inode.ino)
         return inode
 
     def attr_timeout(self) -> float:
@@ -307,7 +314,13 @@ class Filesystem:
 
     async def read(self, fh: int, offset: int, length: int) -> bytes:
         handle = self._handle(fh, FileHandle)
-        return await handle.reader.read(offset, length)
+        try:
+            return await handle.reader.read(offset, length)
+        except FsError as exc:
+            if exc.errno == errno.ESTALE:
+                # This handle stays stale; the next open asks S3 for the new version.
+                handle.inode.valid_until = 0.0
+            raise
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)

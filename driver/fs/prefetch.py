@@ -175,7 +175,7 @@ class Prefetcher:
     def _cover(self, offset: int, end: int) -> None:
         """Make sure chunks cover [offset, end): the bytes this read needs, fetched now."""
         if not self._chunks:
-            size = max(self._grow(), end - offset)
+            size = self._grow(at_least=end - offset)
             self._issue(offset, size, forced=True)
             return
         while self._chunks[-1].end < end:
@@ -191,9 +191,10 @@ class Prefetcher:
             last = self._chunks[-1]
             ahead += 1
 
-    def _grow(self) -> int:
-        size = self._next_size
-        self._next_size = min(self._next_size * 2, self._config.max_request)
+    def _grow(self, at_least: int = 0) -> int:
+        """The size of the next request; each is twice the one before, up to the cap."""
+        size = max(self._next_size, at_least)
+        self._next_size = min(size * 2, self._config.max_request)
         return size
 
     def _issue(self, start: int, size: int, *, forced: bool) -> bool:

@@ -57,6 +57,15 @@ class Operations(pyfuse3.Operations):
         self.read_only = read_only
         ttl = fs.settings.metadata_ttl
         self._ttl = KERNEL_TTL_MAX if math.isinf(ttl) else ttl
+        fs.on_attributes_changed = self._invalidate_attributes
+
+    @staticmethod
+    def _invalidate_attributes(ino: int) -> None:
+        try:
+            # Attributes only: without writeback caching this does not block.
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+        except OSError as exc:  # ENOENT: the kernel holds nothing for this inode
+            log.debug("attribute invalidation skipped", inode=ino, error=exc.strerror)
 
     # -- conversion ----------------------------------------------------------------------
 

@@ -9,19 +9,11 @@ Both use one credential source: boto3's provider chain, read by awscrt through a
 
 from __future__ import annotations
 
-import concurrent.futures
-import dataclasses
 import os
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import quote, urlsplit
 
-import awscrt.auth
-import awscrt.exceptions
-import awscrt.http
-import awscrt.io
-import awscrt.s3
 import boto3
 import botocore.config
 import botocore.exceptions
@@ -31,17 +23,13 @@ from botocore import UNSIGNED
 
 from driver.config import S3Settings
 from driver.s3 import api
+from driver.s3.crt import CrtDataPath
 
 log = structlog.get_logger("pail.s3")
 _T = TypeVar("_T")
 
 DEFAULT_REGION = "us-east-1"
 # Request sizes above this would be split by awscrt into parts; the prefetcher keeps its
-# requests at or below it, so one request of ours is one HTTP GET.
-CRT_PART_SIZE = 8 * 1024 * 1024
-# awscrt refuses a lower memory limit; Pail bounds its own buffering (MemoryBudget).
-CRT_MEMORY_LIMIT = 1024 * 1024 * 1024
-
 
 def _boto_config(settings: S3Settings, region: str) -> botocore.config.Config:
     return botocore.config.Config(
@@ -49,8 +37,8 @@ def _boto_config(settings: S3Settings, region: str) -> botocore.config.Config:
         signature_version=UNSIGNED if settings.no_sign_request else None,
         s3={"addressing_style": "path" if settings.force_path_style else "auto"},
         retries={"mode": "standard", "max_attempts": settings.max_attempts},
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.read_timeout,
+        connect_timeout=min(settings.connect_timeout, settings.request_timeout),
+        read_timeout=settings.request_timeout,
         max_pool_connections=32,
         user_agent_extra=settings.user_agent_extra,
         tcp_keepalive=True,
@@ -126,7 +114,13 @@ class S3ObjectClient:
         self._session = session or boto3.Session()
         self._boto = make_boto_client(settings, region, self._session)
         self._limiter = trio.CapacityLimiter(metadata_threads)
-        self._data = _CrtDataPath(settings, region, self._session)
+        # PAIL_DATA_PATH=boto3 switches object reads to boto3 in threads: kept to compare
+        # the two data paths (bench/) and as a fallback should awscrt misbehave somewhere.
+        self._data: CrtDataPath | _BotoDataPath
+        if os.environ.get("PAIL_DATA_PATH", "crt") == "boto3":
+            self._data = _BotoDataPath(self._boto, settings.bucket)
+        else:
+            self._data = CrtDataPath(settings, region, self._session)
 
     # -- metadata: boto3 in threads ------------------------------------------------------
 
@@ -168,7 +162,7 @@ class S3ObjectClient:
         token = response.get("NextContinuationToken") if response.get("IsTruncated") else None
         return api.ListPage(objects=objects, prefixes=prefixes, next_token=token)
 
-    # -- data: awscrt ------------------------------------------------------------------------
+    # -- data: awscrt (driver.s3.crt) ------------------------------------------------------
 
     async def get_range(self, key: str, start: int, length: int, *, etag: str) -> bytes:
         return await self._data.get_range(key, start, length, etag=etag)
@@ -178,130 +172,26 @@ class S3ObjectClient:
         self._boto.close()
 
 
-class _CrtDataPath:
-    """Ranged GETs through awscrt's S3 client, awaited from trio without a thread each."""
+class _BotoDataPath:
+    """Ranged GETs with boto3, one worker thread each."""
 
-    def __init__(self, settings: S3Settings, region: str, session: boto3.Session) -> None:
-        self._settings = settings
-        # Address objects exactly as boto3 would (path or virtual-hosted style, access
-        # points, custom endpoints): ask it for a URL and keep everything but the key.
-        unsigned = make_boto_client(dataclasses.replace(settings, no_sign_request=True), region, session)
-        url = urlsplit(unsigned.generate_presigned_url(
-            "get_object", Params={"Bucket": settings.bucket, "Key": "K"}, ExpiresIn=60))
-        unsigned.close()
-        if not url.path.endswith("/K"):
-            raise ValueError(f"cannot derive the object URL layout from {url.path!r}")
-        self._scheme = url.scheme
-        self._host = url.netloc
-        self._base_path = url.path[:-1]
-        event_loops = awscrt.io.EventLoopGroup(max(2, min(8, os.cpu_count() or 2)))
-        resolver = awscrt.io.DefaultHostResolver(event_loops)
-        bootstrap = awscrt.io.ClientBootstrap(event_loops, resolver)
-        signing = None
-        if not settings.no_sign_request:
-            provider = awscrt.auth.AwsCredentialsProvider.new_delegate(_credentials_from(session))
-            signing = awscrt.s3.create_default_s3_signing_config(region=region, credential_provider=provider)
-        tls_mode = awscrt.s3.S3RequestTlsMode.ENABLED if url.scheme == "https" else awscrt.s3.S3RequestTlsMode.DISABLED
-        tls_options = None
-        if url.scheme == "https":
-            tls = awscrt.io.TlsContextOptions()
-            if settings.ca_bundle:
-                tls.override_default_trust_store_from_path(None, settings.ca_bundle)
-            tls_options = awscrt.io.ClientTlsContext(tls).new_connection_options()
-            tls_options.set_server_name(url.hostname or "")
-        self._client = awscrt.s3.S3Client(
-            bootstrap=bootstrap,
-            region=region,
-            signing_config=signing,
-            tls_mode=tls_mode,
-            tls_connection_options=tls_options,
-            part_size=CRT_PART_SIZE,
-            memory_limit=CRT_MEMORY_LIMIT,
-            throughput_target_gbps=10.0,
-            retry_config=awscrt.s3.S3RetryConfig(max_retries=max(0, settings.max_attempts - 1)),
-            connect_timeout_ms=int(settings.connect_timeout * 1000),
-        )
-        # One data request may not take longer than this in all, retries included.
-        self._deadline = settings.read_timeout * 2
+    def __init__(self, boto_client, bucket: str, threads: int = 16) -> None:
+        self._boto = boto_client
+        self._bucket = bucket
+        self._limiter = trio.CapacityLimiter(threads)
 
     async def get_range(self, key: str, start: int, length: int, *, etag: str) -> bytes:
-        headers = awscrt.http.HttpHeaders([
-            ("Host", self._host),
-            ("Range", f"bytes={start}-{start + length - 1}"),
-            ("If-Match", etag),
-        ])
-        request = awscrt.http.HttpRequest("GET", self._base_path + quote(key, safe="/~"), headers)
-        parts: list[tuple[int, bytes]] = []
-
-        def on_body(chunk: bytes, offset: int, **_: Any) -> None:
-            parts.append((offset, chunk))  # on an awscrt thread; list.append is atomic
-
-        meta = self._client.make_request(type=awscrt.s3.S3RequestType.GET_OBJECT, request=request,
-                                         on_body=on_body, operation_name="GetObject")
-        with trio.move_on_after(self._deadline) as timeout:
+        def get() -> bytes:
             try:
-                await _wait(meta.finished_future, meta.cancel)
-            except awscrt.exceptions.AwsCrtError as exc:
-                raise _error_from_crt(exc, key) from None
-        if timeout.cancelled_caught:
-            meta.cancel()
-            raise api.Unreachable(f"GetObject {key}: no answer within {self._deadline:.0f} s",
-                                  operation="GetObject")
-        if len(parts) == 1:
-            return parts[0][1]
-        parts.sort(key=lambda p: p[0])
-        return b"".join(chunk for _, chunk in parts)
+                response = self._boto.get_object(Bucket=self._bucket, Key=key, IfMatch=etag,
+                                                 Range=f"bytes={start}-{start + length - 1}")
+                return response["Body"].read()
+            except Exception as exc:
+                raise _error_from_boto(exc, "GetObject", key) from None
+        return await trio.to_thread.run_sync(get, limiter=self._limiter)
 
     def close(self) -> None:
-        self._client = None  # awscrt shuts its threads down when the last reference goes
-
-
-def _credentials_from(session: boto3.Session) -> Callable[[], awscrt.auth.AwsCredentials]:
-    """awscrt asks this for credentials before signing; boto3's chain refreshes them."""
-    def get() -> awscrt.auth.AwsCredentials:
-        credentials = session.get_credentials()
-        if credentials is None:
-            raise RuntimeError("no AWS credentials found")
-        frozen = credentials.get_frozen_credentials()
-        return awscrt.auth.AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token)
-    return get
-
-
-def _error_from_crt(exc: awscrt.exceptions.AwsCrtError, key: str) -> api.ObjectClientError:
-    if isinstance(exc, awscrt.s3.S3ResponseError):
-        status = exc.status_code
-        match = re.search(rb"<Code>([^<]+)</Code>", exc.body or b"")
-        code = match.group(1).decode() if match else None
-        message = f"GetObject {key}: {status} {code or ''}".rstrip()
-        if status == 404:
-            cls = api.NoSuchBucket if code == "NoSuchBucket" else api.NoSuchKey
-            return cls(message, operation="GetObject", status=status, code=code)
-        if status == 412:
-            return api.PreconditionFailed(message, operation="GetObject", status=status, code=code)
-        if status in (401, 403):
-            return api.AccessDenied(message, operation="GetObject", status=status, code=code)
-        return api.ObjectClientError(message, operation="GetObject", status=status, code=code)
-    return api.Unreachable(f"GetObject {key}: {exc.name}", operation="GetObject")
-
-
-async def _wait(future: concurrent.futures.Future, cancel: Callable[[], None]) -> Any:
-    """Await a concurrent future from trio: a callback wakes the trio loop, no thread waits."""
-    token = trio.lowlevel.current_trio_token()
-    done = trio.Event()
-
-    def wake(_: concurrent.futures.Future) -> None:
-        try:
-            token.run_sync_soon(done.set)
-        except trio.RunFinishedError:
-            pass
-
-    future.add_done_callback(wake)
-    try:
-        await done.wait()
-    except BaseException:
-        cancel()
-        raise
-    return future.result()
+        pass
 
 
 def _head_bucket(client, bucket: str) -> None:

@@ -45,7 +45,7 @@ def test_sequential_reads_grow_requests_geometrically_to_the_cap():
     assert b"".join(out) == data
     # In offset order: trio starts concurrent tasks in no particular order.
     sizes = [c.length for c in sorted(client.calls, key=lambda c: c.start) if c.operation == "GetObject"]
-    assert sizes[0] == CONFIG.min_request
+    assert sizes[0] == CONFIG.min_request  # the first read asked for less
     capped = sizes.index(CONFIG.max_request)
     # Each request doubles the one before until the cap (the last may be cut by the end).
     assert sizes[:capped + 1] == [CONFIG.min_request * 2**i for i in range(capped + 1)]

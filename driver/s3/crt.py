@@ -1,0 +1,167 @@
+"""Object data through awscrt's S3 client, awaited from trio without a thread per request.
+
+awscrt runs the HTTP requests on its own native threads, without the GIL, and hands each
+response body to Python in one piece: the FUSE loop keeps the interpreter.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import awscrt.auth
+import awscrt.exceptions
+import awscrt.http
+import awscrt.io
+import awscrt.s3
+import boto3
+import trio
+
+from driver.config import S3Settings
+from driver.s3 import api
+
+# requests at or below it, so one request of ours is one HTTP GET.
+CRT_PART_SIZE = 8 * 1024 * 1024
+# awscrt refuses a lower memory limit; Pail bounds its own buffering (MemoryBudget).
+CRT_MEMORY_LIMIT = 1024 * 1024 * 1024
+
+
+class CrtDataPath:
+    """Ranged GETs through awscrt's S3 client, awaited from trio without a thread each."""
+
+    def __init__(self, settings: S3Settings, region: str, session: boto3.Session) -> None:
+        self._settings = settings
+        # Address objects exactly as boto3 would (path or virtual-hosted style, access
+        # points, custom endpoints): ask it for a URL and keep everything but the key.
+        from driver.s3.client import make_boto_client  # the one place boto3 clients are made
+
+        unsigned = make_boto_client(dataclasses.replace(settings, no_sign_request=True), region, session)
+        url = urlsplit(unsigned.generate_presigned_url(
+            "get_object", Params={"Bucket": settings.bucket, "Key": "K"}, ExpiresIn=60))
+        unsigned.close()
+        if not url.path.endswith("/K"):
+            raise ValueError(f"cannot derive the object URL layout from {url.path!r}")
+        self._scheme = url.scheme
+        self._host = url.netloc
+        self._base_path = url.path[:-1]
+        event_loops = awscrt.io.EventLoopGroup(max(2, min(8, os.cpu_count() or 2)))
+        resolver = awscrt.io.DefaultHostResolver(event_loops)
+        bootstrap = awscrt.io.ClientBootstrap(event_loops, resolver)
+        signing = None
+        if not settings.no_sign_request:
+            provider = awscrt.auth.AwsCredentialsProvider.new_delegate(_credentials_from(session))
+            signing = awscrt.s3.create_default_s3_signing_config(region=region, credential_provider=provider)
+        tls_mode = awscrt.s3.S3RequestTlsMode.ENABLED if url.scheme == "https" else awscrt.s3.S3RequestTlsMode.DISABLED
+        tls_options = None
+        if url.scheme == "https":
+            tls = awscrt.io.TlsContextOptions()
+            if settings.ca_bundle:
+                tls.override_default_trust_store_from_path(None, settings.ca_bundle)
+            tls_options = awscrt.io.ClientTlsContext(tls).new_connection_options()
+            tls_options.set_server_name(url.hostname or "")
+        self._client = awscrt.s3.S3Client(
+            bootstrap=bootstrap,
+            region=region,
+            signing_config=signing,
+            tls_mode=tls_mode,
+            tls_connection_options=tls_options,
+            part_size=CRT_PART_SIZE,
+            memory_limit=CRT_MEMORY_LIMIT,
+            throughput_target_gbps=10.0,
+            retry_config=awscrt.s3.S3RetryConfig(max_retries=max(0, settings.max_attempts - 1)),
+            connect_timeout_ms=int(min(settings.connect_timeout, settings.request_timeout) * 1000),
+        )
+        # One data request may not take longer than this in all, retries included.
+        self._deadline = settings.request_timeout
+
+    async def get_range(self, key: str, start: int, length: int, *, etag: str) -> bytes:
+        headers = awscrt.http.HttpHeaders([
+            ("Host", self._host),
+            ("Range", f"bytes={start}-{start + length - 1}"),
+            ("If-Match", etag),
+        ])
+        request = awscrt.http.HttpRequest("GET", self._base_path + quote(key, safe="/~"), headers)
+        parts: list[tuple[int, bytes]] = []
+
+        def on_body(chunk: bytes, offset: int, **_: Any) -> None:
+            parts.append((offset, chunk))  # on an awscrt thread; list.append is atomic
+
+        meta = self._client.make_request(type=awscrt.s3.S3RequestType.GET_OBJECT, request=request,
+                                         on_body=on_body, operation_name="GetObject")
+        with trio.move_on_after(self._deadline) as timeout:
+            try:
+                await _wait(meta.finished_future, meta.cancel)
+            except awscrt.exceptions.AwsCrtError as exc:
+                raise _error_from_crt(exc, key) from None
+        if timeout.cancelled_caught:
+            meta.cancel()
+            raise api.Unreachable(f"GetObject {key}: no answer within {self._deadline:.0f} s",
+                                  operation="GetObject")
+        if len(parts) == 1:
+            return parts[0][1]
+        parts.sort(key=lambda p: p[0])
+        return b"".join(chunk for _, chunk in parts)
+
+    def close(self) -> None:
+        self._client = None  # awscrt shuts its threads down when the last reference goes
+
+
+def _credentials_from(session: boto3.Session) -> Callable[[], awscrt.auth.AwsCredentials]:
+    """awscrt asks this for credentials before signing; boto3's chain refreshes them."""
+    def get() -> awscrt.auth.AwsCredentials:
+        credentials = session.get_credentials()
+        if credentials is None:
+            raise RuntimeError("no AWS credentials found")
+        frozen = credentials.get_frozen_credentials()
+        return awscrt.auth.AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token)
+    return get
+
+
+def _error_from_crt(exc: awscrt.exceptions.AwsCrtError, key: str) -> api.ObjectClientError:
+    if isinstance(exc, awscrt.s3.S3ResponseError):
+        status = exc.status_code
+        match = re.search(rb"<Code>([^<]+)</Code>", exc.body or b"")
+        code = match.group(1).decode() if match else None
+        message = f"GetObject {key}: {status} {code or ''}".rstrip()
+        if status == 404:
+            cls = api.NoSuchBucket if code == "NoSuchBucket" else api.NoSuchKey
+            return cls(message, operation="GetObject", status=status, code=code)
+        if status == 412:
+            return api.PreconditionFailed(message, operation="GetObject", status=status, code=code)
+        if status in (401, 403):
+            return api.AccessDenied(message, operation="GetObject", status=status, code=code)
+        return api.ObjectClientError(message, operation="GetObject", status=status, code=code)
+    status = _RETRIED_STATUS.get(exc.name)
+    if status is not None:
+        return api.ObjectClientError(f"GetObject {key}: {status} after retries", operation="GetObject",
+                                     status=status, code=exc.name)
+    return api.Unreachable(f"GetObject {key}: {exc.name}", operation="GetObject", code=exc.name)
+
+
+# awscrt reports a retryable status that outlasted its retries by error name, not status.
+_RETRIED_STATUS = {"AWS_ERROR_S3_INTERNAL_ERROR": 500, "AWS_ERROR_S3_SLOW_DOWN": 503}
+
+
+async def _wait(future: concurrent.futures.Future, cancel: Callable[[], None]) -> Any:
+    """Await a concurrent future from trio: a callback wakes the trio loop, no thread waits."""
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+
+    def wake(_: concurrent.futures.Future) -> None:
+        try:
+            token.run_sync_soon(done.set)
+        except trio.RunFinishedError:
+            pass
+
+    future.add_done_callback(wake)
+    try:
+        await done.wait()
+    except BaseException:
+        cancel()
+        raise
+    return future.result()

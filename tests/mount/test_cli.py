@@ -1,0 +1,209 @@
+"""`pail mount` and `pail unmount` as a user runs them: errors are one clear line, and a
+failed mount leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.mounts import is_mounted, pail_cli
+from tests.support.s3server import free_port
+
+
+def mount_processes(path: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"mount" in cmdline and str(path).encode() in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def wait_gone(path: Path, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not mount_processes(path):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture
+def mountpoint(tmp_path):
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True)
+    for pid in mount_processes(path):
+        os.kill(pid, 9)
+
+
+def assert_nothing_left(path: Path):
+    assert not is_mounted(path)
+    assert wait_gone(path), "no mount process may stay behind"
+
+
+def test_background_mount_returns_live_and_unmount_ends_it(s3_server, s3, bucket, mountpoint):
+    s3.put_object(Bucket=bucket, Key="hello.txt", Body=b"hi\n")
+    result = pail_cli("mount", bucket, str(mountpoint), "--endpoint-url", s3_server.endpoint,
+                      env=s3_server.env())
+    assert result.returncode == 0, result.stderr
+    # Returned only once live: the file is there at once, no waiting.
+    assert (mountpoint / "hello.txt").read_bytes() == b"hi\n"
+    pids = mount_processes(mountpoint)
+    assert len(pids) == 1
+    cmdline = Path(f"/proc/{pids[0]}/cmdline").read_bytes()
+    assert s3_server.secret_key.encode() not in cmdline
+    assert s3_server.access_key.encode() not in cmdline
+
+    result = pail_cli("unmount", str(mountpoint), env={})
+    assert result.returncode == 0, result.stderr
+    assert_nothing_left(mountpoint)
+    assert os.listdir(mountpoint) == []
+
+
+def test_missing_bucket_is_one_line_and_nothing_mounted(s3_server, mountpoint):
+    result = pail_cli("mount", "no-such-bucket-here", str(mountpoint), "--endpoint-url",
+                      s3_server.endpoint, env=s3_server.env())
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0
+    assert "bucket 'no-such-bucket-here' does not exist" in result.stderr
+    assert_nothing_left(mountpoint)
+
+
+@pytest.mark.s3_servers("seaweedfs")  # moto accepts any credentials
+def test_refused_credentials(s3_server, bucket, mountpoint):
+    env = {**s3_server.env(), "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    result = pail_cli("mount", bucket, str(mountpoint), "--endpoint-url", s3_server.endpoint, env=env)
+    assert result.returncode == 1
+    assert "was refused (403" in result.stderr
+    assert "check the credentials" in result.stderr
+    assert "not-the-secret" not in result.stderr
+    assert_nothing_left(mountpoint)
+
+
+@pytest.mark.s3_servers("seaweedfs")
+def test_unsigned_requests_are_refused_by_a_private_bucket(s3_server, bucket, mountpoint):
+    result = pail_cli("mount", bucket, str(mountpoint), "--endpoint-url", s3_server.endpoint,
+                      "--no-sign-request", env={})
+    assert result.returncode == 1
+    assert "was refused" in result.stderr
+    assert_nothing_left(mountpoint)
+
+
+@pytest.mark.s3_servers("moto")  # moto serves unsigned requests, as a public bucket does
+def test_public_bucket_with_no_sign_request(s3_server, s3, bucket, mountpoint):
+    s3.put_object(Bucket=bucket, Key="open-data.csv", Body=b"a,b\n", ACL="public-read")
+    result = pail_cli("mount", bucket, str(mountpoint), "--endpoint-url", s3_server.endpoint,
+                      "--no-sign-request", "--region", "us-east-1", env={"AWS_EC2_METADATA_DISABLED": "true"})
+    assert result.returncode == 0, result.stderr
+    try:
+        assert (mountpoint / "open-data.csv").read_bytes() == b"a,b\n"
+    finally:
+        pail_cli("unmount", str(mountpoint), env={})
+    assert_nothing_left(mountpoint)
+
+
+@pytest.mark.s3_servers("moto")
+def test_endpoint_that_does_not_answer(s3_server, mountpoint):
+    closed = f"http://127.0.0.1:{free_port()}"
+    result = pail_cli("mount", "some-bucket", str(mountpoint), "--endpoint-url", closed,
+                      "--region", "us-east-1", env=s3_server.env())
+    assert result.returncode == 1
+    assert f"cannot reach {closed}" in result.stderr
+    assert_nothing_left(mountpoint)
+
+
+@pytest.mark.s3_servers("moto")
+def test_bad_directories(s3_server, bucket, tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "something").write_text("x")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = {tmp_path / "missing": "no such directory", full: "directory is not empty",
+             a_file: "not a directory"}
+    for path, message in cases.items():
+        result = pail_cli("mount", bucket, str(path), "--endpoint-url", s3_server.endpoint,
+                          env=s3_server.env())
+        assert result.returncode == 1, path
+        assert message in result.stderr
+        assert not is_mounted(path)
+
+
+@pytest.mark.s3_servers("moto")
+def test_mounting_twice_on_one_directory_is_refused(s3_server, bucket, mountpoint, mount_bucket):
+    first = mount_bucket(bucket)
+    result = pail_cli("mount", bucket, str(first.path), "--endpoint-url", s3_server.endpoint,
+                      env=s3_server.env())
+    assert result.returncode == 1
+    assert "already a mount point" in result.stderr
+
+
+@pytest.mark.s3_servers("moto")
+@pytest.mark.parametrize("options,named", [
+    (["--file-mode", "0999"], "--file-mode"),
+    (["--dir-mode", "rwx"], "--dir-mode"),
+    (["--uid", "alice"], "--uid"),
+    (["--gid", "-5"], "--gid"),
+    (["--metadata-ttl", "forever"], "--metadata-ttl"),
+    (["--max-memory", "lots"], "--max-memory"),
+    (["--prefix", "/abs"], "--prefix"),
+    (["--endpoint-url", "ftp://x"], "--endpoint-url"),
+    (["--ca-bundle", "/nonexistent.pem"], "--ca-bundle"),
+    (["--allow-other", "--allow-root"], "--allow-root"),
+    (["--log-format", "xml"], "--log-format"),
+])
+def test_bad_options_name_the_option(s3_server, bucket, mountpoint, options, named):
+    args = ["mount", bucket, str(mountpoint)] + (
+        [] if "--endpoint-url" in options else ["--endpoint-url", s3_server.endpoint]) + options
+    result = pail_cli(*args, env=s3_server.env())
+    assert result.returncode == 2
+    assert named in result.stderr
+    assert_nothing_left(mountpoint)
+
+
+@pytest.mark.s3_servers("moto")
+def test_bad_bucket_name(s3_server, mountpoint):
+    result = pail_cli("mount", "Not_A_Bucket!", str(mountpoint), "--endpoint-url", s3_server.endpoint,
+                      env=s3_server.env())
+    assert result.returncode == 2
+    assert "BUCKET" in result.stderr
+
+
+def test_unmount_of_a_directory_that_is_not_mounted(mountpoint):
+    result = pail_cli("unmount", str(mountpoint), env={})
+    assert result.returncode == 1
+    assert "not mounted" in result.stderr
+
+
+@pytest.mark.s3_servers("moto")  # moto answers HeadBucket with the bucket's region
+def test_region_is_asked_of_the_bucket(s3_server, s3, mount_bucket):
+    s3.create_bucket(Bucket="pail-in-ireland", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    s3.put_object(Bucket="pail-in-ireland", Key="f", Body=b"1")
+    mount = mount_bucket("pail-in-ireland")
+    assert (mount.path / "f").read_bytes() == b"1"
+    starting = [e for e in mount.log() if e.get("event") == "starting"]
+    assert starting and starting[0]["region"] == "eu-west-1"
+
+
+def test_path_style_with_a_host_name(s3_server, s3, bucket, mountpoint):
+    s3.put_object(Bucket=bucket, Key="f", Body=b"path style")
+    endpoint = s3_server.endpoint.replace("127.0.0.1", "localhost")
+    result = pail_cli("mount", bucket, str(mountpoint), "--endpoint-url", endpoint, "--force-path-style",
+                      env=s3_server.env())
+    assert result.returncode == 0, result.stderr
+    try:
+        assert (mountpoint / "f").read_bytes() == b"path style"
+    finally:
+        pail_cli("unmount", str(mountpoint), env={})
+    assert_nothing_left(mountpoint)

@@ -1,0 +1,107 @@
+"""Prefetching through a real mount, checked by the requests the proxy sees, not by time."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+
+import pytest
+
+KiB, MiB = 1024, 1024 * 1024
+MIN_REQUEST = 256 * KiB  # FsSettings defaults
+MAX_REQUEST = 8 * MiB
+MAX_AHEAD = 4
+
+
+def upload(s3, bucket, key, size, seed=1):
+    block = random.Random(seed).randbytes(MiB)
+    data = b"".join(bytes([i % 251]) + block[1:] for i in range(size // MiB))
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * KiB
+    raise AssertionError("no VmHWM")
+
+
+def current_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * KiB
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.s3_servers("seaweedfs")  # moto serves large ranged GETs at ~10 MB/s
+def test_sequential_read_prefetches_growing_requests(s3, bucket, proxy, mount_bucket):
+    digest = upload(s3, bucket, "big", 256 * MiB)
+    mount = mount_bucket(bucket, "--max-memory", "64MiB", endpoint=proxy.endpoint)
+    os.stat(mount.path / "big")
+    rss_before = current_rss(mount.process.pid)
+    proxy.clear()
+    sha = hashlib.sha256()
+    with open(mount.path / "big", "rb") as f:
+        while chunk := f.read(MiB):
+            sha.update(chunk)
+    assert sha.hexdigest() == digest
+
+    gets = sorted(proxy.records("GetObject"), key=lambda r: r.range[0])
+    sizes = [r.range[1] - r.range[0] + 1 for r in gets]
+    # The first request is what the first read needs (the kernel may ask for more than
+    # the minimum); each one after doubles until the cap.
+    assert sizes[0] >= MIN_REQUEST
+    capped = sizes.index(MAX_REQUEST)
+    assert all(b == 2 * a for a, b in zip(sizes[:capped], sizes[1:capped + 1])), sizes[:12]
+    assert all(size == MAX_REQUEST for size in sizes[capped:-1])
+    assert sum(sizes) == 256 * MiB, "each byte fetched once"
+    assert proxy.max_in_flight("GetObject") <= MAX_AHEAD + 1
+    # Memory: prefetched data stays within --max-memory (plus one request a read may
+    # force), on top of what the process used before reading.
+    assert peak_rss(mount.process.pid) - rss_before <= 64 * MiB + MAX_REQUEST + 32 * MiB
+
+
+@pytest.mark.s3_servers("seaweedfs")
+def test_random_small_reads_fetch_little_more_than_asked(s3, bucket, proxy, mount_bucket):
+    upload(s3, bucket, "big", 64 * MiB)
+    mount = mount_bucket(bucket, endpoint=proxy.endpoint)
+    os.stat(mount.path / "big")
+    proxy.clear()
+    rng = random.Random(3)
+    with open(mount.path / "big", "rb", buffering=0) as f:
+        # Turn off the kernel's own readahead, as random-access programs do.
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        for _ in range(100):
+            offset = rng.randrange(0, 64 * MiB - 4 * KiB)
+            block = os.pread(f.fileno(), 4 * KiB, offset)
+            assert block[0] == (offset // MiB) % 251 or offset % MiB != 0
+            assert len(block) == 4 * KiB
+    fetched = sum(r.range[1] - r.range[0] + 1 for r in proxy.records("GetObject"))
+    assert fetched <= 100 * 2 * MIN_REQUEST
+
+
+@pytest.mark.s3_servers("seaweedfs")
+def test_parallel_readers_share_one_budget(s3, bucket, proxy, mount_bucket):
+    from concurrent.futures import ThreadPoolExecutor
+
+    digests = {f"obj{i}": upload(s3, bucket, f"obj{i}", 48 * MiB, seed=i) for i in range(4)}
+    mount = mount_bucket(bucket, "--max-memory", "32MiB", endpoint=proxy.endpoint)
+    for name in digests:
+        os.stat(mount.path / name)
+    rss_before = current_rss(mount.process.pid)
+
+    def read(name):
+        sha = hashlib.sha256()
+        with open(mount.path / name, "rb") as f:
+            while chunk := f.read(MiB):
+                sha.update(chunk)
+        return name, sha.hexdigest()
+
+    with ThreadPoolExecutor(4) as pool:
+        assert dict(pool.map(read, digests)) == digests
+    # Four readers: prefetch within 32 MiB, plus at most one forced request per reader.
+    assert peak_rss(mount.process.pid) - rss_before <= 32 * MiB + 4 * MAX_REQUEST + 32 * MiB
