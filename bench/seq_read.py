@@ -155,18 +155,25 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return {k: round(v, 2) for k, v in sorted(out.items())}
 
 
-def machine_ticks() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
-    fields = [int(x) for x in (_read("/proc/stat") or "cpu 0").splitlines()[0].split()[1:]]
-    idle = sum(fields[3:5])  # idle + iowait
-    total = sum(fields[:8])  # without guest time, which is counted in user already
-    return total - idle, total
+_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
 
-def busy_fraction(before: tuple[int, int], after: tuple[int, int]) -> float | None:
-    """Share of all cores' time that was busy between two machine_ticks()."""
-    total = after[1] - before[1]
-    return round((after[0] - before[0]) / total, 2) if total > 0 else None
+def machine_ticks() -> dict[str, int]:
+    """Jiffies of all CPUs since boot by kind, from the first line of /proc/stat."""
+    fields = (_read("/proc/stat") or "cpu").splitlines()[0].split()[1:]
+    return {name: int(value) for name, value in zip(_STAT_FIELDS, fields)}
+
+
+def machine_cpu(before: dict[str, int], after: dict[str, int]) -> dict:
+    """How all cores spent the time between two machine_ticks(): CPU seconds by kind, and
+    the busy share (everything but idle, iowait and steal; 1.0 = every core busy)."""
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in _STAT_FIELDS}
+    total = sum(delta.values())
+    busy = total - delta["idle"] - delta["iowait"] - delta["steal"]
+    return {
+        "busy": round(busy / total, 2) if total > 0 else None,
+        "cpu_s": {k: round(v / CLK_TCK, 2) for k, v in delta.items() if v},
+    }
 
 
 def status_kib(pid: int, field: str) -> int | None:
@@ -256,7 +263,7 @@ def raw_awscrt(server, bucket: str, size: int) -> dict:
         with lock:
             received[0] += len(chunk)
 
-    cpu0, ticks0 = os.times(), machine_ticks()
+    cpu0, ticks0, server0 = os.times(), machine_ticks(), cpu_seconds(server.process.pid)
     t0 = time.perf_counter()
     meta = client.make_request(type=awscrt.s3.S3RequestType.GET_OBJECT, request=request, on_body=on_body)
     try:
@@ -265,12 +272,13 @@ def raw_awscrt(server, bucket: str, size: int) -> dict:
         meta.cancel()
         raise BenchError(f"awscrt GET did not finish within {READ_TIMEOUT:.0f} s") from None
     seconds = time.perf_counter() - t0
-    cpu1, ticks1 = os.times(), machine_ticks()
+    cpu1, ticks1, server1 = os.times(), machine_ticks(), cpu_seconds(server.process.pid)
     if received[0] != size:
         raise BenchError(f"awscrt received {received[0]} bytes, expected {size}")
     return {"bytes": size, "seconds": seconds, "mb_s": size / seconds / MB,
             "client_cpu_s": round((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system), 2),
-            "machine_busy": busy_fraction(ticks0, ticks1)}
+            "server_cpu_s": round((server1 or 0) - (server0 or 0), 2),
+            "machine": machine_cpu(ticks0, ticks1)}
 
 
 def raw_boto3(server, bucket: str, size: int) -> dict:
@@ -282,7 +290,7 @@ def raw_boto3(server, bucket: str, size: int) -> dict:
         return len(response["Body"].read())
 
     pool = ThreadPoolExecutor(BOTO3_THREADS, thread_name_prefix="bench-boto3")
-    cpu0, ticks0 = os.times(), machine_ticks()
+    cpu0, ticks0, server0 = os.times(), machine_ticks(), cpu_seconds(server.process.pid)
     t0 = time.perf_counter()
     try:
         futures = [pool.submit(get, r) for r in ranges]
@@ -291,14 +299,15 @@ def raw_boto3(server, bucket: str, size: int) -> dict:
             raise BenchError(f"boto3 GETs did not finish within {READ_TIMEOUT:.0f} s")
         received = sum(f.result() for f in done)
         seconds = time.perf_counter() - t0
-        cpu1, ticks1 = os.times(), machine_ticks()
+        cpu1, ticks1, server1 = os.times(), machine_ticks(), cpu_seconds(server.process.pid)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     if received != size:
         raise BenchError(f"boto3 received {received} bytes, expected {size}")
     return {"bytes": size, "seconds": seconds, "mb_s": size / seconds / MB,
             "client_cpu_s": round((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system), 2),
-            "machine_busy": busy_fraction(ticks0, ticks1)}
+            "server_cpu_s": round((server1 or 0) - (server0 or 0), 2),
+            "machine": machine_cpu(ticks0, ticks1)}
 
 
 # ---------------------------------------------------------------------- mounts
@@ -395,8 +404,10 @@ def mount_run(mounts: Mounts, server, bucket: str, size: int, data_path: str) ->
     directory, pid, log_path = mounts.mount(server, bucket, server.endpoint, data_path)
     prepared = prepare_run(server)
     cpu0, threads0, ticks0 = cpu_seconds(pid), thread_cpu(pid), machine_ticks()
+    server0 = cpu_seconds(server.process.pid)
     read = read_file(os.path.join(directory, KEY))
     cpu1, threads1, ticks1 = cpu_seconds(pid), thread_cpu(pid), machine_ticks()
+    server1 = cpu_seconds(server.process.pid)
     peak_rss = status_kib(pid, "VmHWM")
     n_threads = len(os.listdir(f"/proc/{pid}/task")) if os.path.isdir(f"/proc/{pid}/task") else None
     unmount_s = mounts.unmount(directory)
@@ -413,7 +424,8 @@ def mount_run(mounts: Mounts, server, bucket: str, size: int, data_path: str) ->
         "mount_cpu_by_thread_s": by_thread,
         "mount_threads": n_threads,
         # includes the reader's start-up (~0.1 s of a Python interpreter) around the read
-        "machine_busy": busy_fraction(ticks0, ticks1),
+        "server_cpu_s": round((server1 or 0) - (server0 or 0), 2),
+        "machine": machine_cpu(ticks0, ticks1),
         "peak_rss_mib": round(peak_rss / 1024, 1) if peak_rss else None,
         "reader_cpu_s": round(read["reader_cpu_s"], 2),
         "longest_read_s": round(read["longest_read_s"], 3),
@@ -422,6 +434,19 @@ def mount_run(mounts: Mounts, server, bucket: str, size: int, data_path: str) ->
         "unmount_s": round(unmount_s, 2),
         **prepared,
     }
+
+
+def _attribute(run: dict) -> None:
+    """CPU seconds the machine spent busy during the timed part that none of our processes
+    (client or mount, reader, server) account for: other processes, interrupts, softirq.
+    A large value means the run shared the machine with something else."""
+    machine = run.get("machine") or {}
+    if machine.get("busy") is None:
+        return
+    cpu = machine["cpu_s"]
+    busy = sum(v for k, v in cpu.items() if k not in ("idle", "iowait", "steal"))
+    ours = sum(run.get(k) or 0 for k in ("client_cpu_s", "mount_cpu_s", "reader_cpu_s", "server_cpu_s"))
+    machine["unattributed_cpu_s"] = round(busy - ours, 2)
 
 
 # ------------------------------------------------------------------ trace pass
@@ -509,10 +534,13 @@ def summarize(runs: list[dict]) -> dict:
     speeds = [r["mb_s"] for r in runs]
     out = {"median_mb_s": statistics.median(speeds), "min_mb_s": min(speeds), "max_mb_s": max(speeds)}
     for field in ("peak_rss_mib", "mount_cpu_s", "mount_cpu_util", "mount_main_thread_util", "client_cpu_s",
-                  "server_cpu_s", "machine_busy"):
+                  "server_cpu_s"):
         values = [r[field] for r in runs if r.get(field) is not None]
         if values:
             out[f"median_{field}"] = statistics.median(values)
+    busy = [r["machine"]["busy"] for r in runs if r.get("machine", {}).get("busy") is not None]
+    if busy:
+        out["median_machine_busy"] = statistics.median(busy)
     return out
 
 
@@ -581,14 +609,13 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
         for round_no in range(1, args.runs + 1):
             for name in VARIANTS:  # interleaved, so drift in machine load hits every variant
-                server_cpu0 = cpu_seconds(server.process.pid)
                 if name.startswith("raw_"):
                     prepared = prepare_run(server)
                     run = (raw_awscrt if name == "raw_awscrt" else raw_boto3)(server, bucket, size)
                     run.update(prepared)
                 else:
                     run = mount_run(mounts, server, bucket, size, "crt" if name == "mount_awscrt" else "boto3")
-                run["server_cpu_s"] = round((cpu_seconds(server.process.pid) or 0) - (server_cpu0 or 0), 2)
+                _attribute(run)
                 run["load_avg_1m"] = round(os.getloadavg()[0], 2)
                 runs[name].append(run)
                 _say(f"round {round_no}/{args.runs} {name:13s} {run['mb_s']:8.1f} MB/s  "

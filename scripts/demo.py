@@ -1,0 +1,86 @@
+"""The demo: a local S3 server, a bucket of sample files, `pail mount`, a look around,
+`pail unmount`. Everything stays on 127.0.0.1 and in a temporary directory."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.s3server import start_seaweedfs  # noqa: E402  (after the path is set)
+
+PAIL = str(Path(sys.executable).parent / "pail")
+SAMPLES = {
+    "README.txt": b"Hello from S3! These files are objects in the bucket 'demo-bucket'.\n",
+    "reports/2024/q1.csv": b"region,revenue\neu,1200\nus,3400\n",
+    "reports/2024/q2.csv": b"region,revenue\neu,1500\nus,3900\n",
+    "reports/summary.md": b"# Summary\nRevenue grew in both regions.\n",
+    "images/logo.svg": b'<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>\n',
+    "empty-folder/": b"",  # what the S3 console's "Create folder" writes
+}
+
+
+def say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def run(command: str, cwd: Path, env: dict[str, str], check: bool = True) -> None:
+    print(f"$ {command}", flush=True)
+    result = subprocess.run(command, shell=True, cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    print(result.stdout, end="", flush=True)
+    if check and result.returncode != 0:
+        raise SystemExit(f"demo: '{command}' failed with status {result.returncode}")
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="pail-demo-") as tmp:
+        work = Path(tmp)
+        say("Starting a local S3 server (SeaweedFS, listening on 127.0.0.1 only)")
+        server = start_seaweedfs(work / "s3")
+        mountpoint = work / "bucket"
+        mountpoint.mkdir()
+        env = {**os.environ, **server.env(), "PATH": f"{Path(PAIL).parent}:{os.environ['PATH']}"}
+        try:
+            print(f"S3 endpoint: {server.endpoint}")
+            say("Creating bucket 'demo-bucket' with a few files and folders")
+            s3 = server.client()
+            s3.create_bucket(Bucket="demo-bucket")
+            for key, body in SAMPLES.items():
+                s3.put_object(Bucket="demo-bucket", Key=key, Body=body)
+                print(f"  put s3://demo-bucket/{key} ({len(body)} bytes)")
+
+            say("Mounting it with pail mount (returns once the mount answers)")
+            run(f"pail mount demo-bucket {shlex.quote(str(mountpoint))} --endpoint-url {server.endpoint}",
+                cwd=work, env=env)
+            run(f"mount | grep {shlex.quote(str(mountpoint))}", cwd=work, env=env)
+
+            say("Listing and reading through the mount")
+            run("ls -l", cwd=mountpoint, env=env)
+            run("find . | sort", cwd=mountpoint, env=env)
+            run("cat README.txt", cwd=mountpoint, env=env)
+            run("cat reports/2024/q1.csv reports/2024/q2.csv", cwd=mountpoint, env=env)
+            run("stat -c '%n: %s bytes, %F, mode %A' reports/summary.md empty-folder", cwd=mountpoint, env=env)
+
+            say("Changes are refused until write support lands (docs/SEMANTICS.md)")
+            run("touch new-file.txt", cwd=mountpoint, env=env, check=False)
+
+            say("Unmounting")
+            run(f"pail unmount {shlex.quote(str(mountpoint))}", cwd=work, env=env)
+            run(f"ls -A {shlex.quote(str(mountpoint))}; echo '(empty again)'", cwd=work, env=env)
+        finally:
+            if os.path.ismount(mountpoint):
+                subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+            say("Stopping the S3 server")
+            server.stop()
+    print("\nDone. Next: ./scripts/test runs the whole test suite.")
+
+
+if __name__ == "__main__":
+    main()
