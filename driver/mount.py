@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from urllib.parse import urlsplit
 
 import structlog
 import trio
@@ -57,7 +58,7 @@ def run_mount(config: MountConfig, region: str, *, ready_fd: int | None = None) 
     _tune_malloc()
     parent = _Parent(ready_fd)
     structlog.contextvars.bind_contextvars(bucket=config.s3.bucket, prefix=config.fs.prefix)
-    log.info("starting", mountpoint=config.mountpoint, region=region, endpoint=config.s3.endpoint_url,
+    log.info("starting", mountpoint=config.mountpoint, region=region, endpoint=_without_userinfo(config.s3.endpoint_url),
              read_only=config.fs.read_only, metadata_ttl=config.fs.metadata_ttl)
 
     async def main() -> None:
@@ -87,3 +88,11 @@ def run_mount(config: MountConfig, region: str, *, ready_fd: int | None = None) 
 
 class _StartError(Exception):
     pass
+
+
+def _without_userinfo(url: str | None) -> str | None:
+    """An endpoint URL as it may be logged: never with a user:password part."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()

@@ -218,7 +218,7 @@ class Prefetcher:
                 )
             except ObjectClientError as exc:
                 chunk.error = from_store(exc, during="read")
-                log.warning("read failed", key=self._key, start=chunk.start, end=chunk.end,
+                log.warning("read failed", op="read", key=self._key, start=chunk.start, end=chunk.end,
                             errno=chunk.error.errno, **exc.log_fields())
         chunk.done.set()
 

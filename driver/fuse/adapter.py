@@ -158,10 +158,12 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     async def read(self, fh, off, size):
+        log.debug("read", op="read", fh=fh, offset=off, size=size)
         with _errors("read", fh=fh, offset=off, size=size):
             return await self.fs.read(fh, off, size)
 
     async def release(self, fh):
+        log.debug("release", op="release", fh=fh)
         self.fs.release(fh)
 
     # -- refused while writes are not implemented ----------------------------------------

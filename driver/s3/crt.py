@@ -36,14 +36,7 @@ class CrtDataPath:
 
     def __init__(self, settings: S3Settings, region: str, session: boto3.Session) -> None:
         self._settings = settings
-        # Address objects exactly as boto3 would (path or virtual-hosted style, access
-        # points, custom endpoints): ask it for a URL and keep everything but the key.
-        from driver.s3.client import make_boto_client  # the one place boto3 clients are made
-
-        unsigned = make_boto_client(dataclasses.replace(settings, no_sign_request=True), region, session)
-        url = urlsplit(unsigned.generate_presigned_url(
-            "get_object", Params={"Bucket": settings.bucket, "Key": "K"}, ExpiresIn=60))
-        unsigned.close()
+        url = urlsplit(_object_url(settings, region, session, "K"))
         if not url.path.endswith("/K"):
             raise ValueError(f"cannot derive the object URL layout from {url.path!r}")
         self._scheme = url.scheme
@@ -109,6 +102,34 @@ class CrtDataPath:
 
     def close(self) -> None:
         self._client = None  # awscrt shuts its threads down when the last reference goes
+
+
+class _Captured(Exception):
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.url = url
+
+
+def _object_url(settings: S3Settings, region: str, session: boto3.Session, key: str) -> str:
+    """The URL boto3 would send a GetObject of ``key`` to, without sending it.
+
+    boto3 knows S3's addressing rules (path or virtual-hosted style, regional endpoints,
+    access-point ARNs and aliases, custom endpoints); the data path follows them exactly
+    by asking. (A presigned URL would not do: it uses the global endpoint.)"""
+    from driver.s3.client import make_boto_client  # the one place boto3 clients are made
+
+    def capture(request, **_: Any) -> None:
+        raise _Captured(request.url)
+
+    unsigned = make_boto_client(dataclasses.replace(settings, no_sign_request=True), region, session)
+    unsigned.meta.events.register_first("before-send.s3.GetObject", capture)
+    try:
+        unsigned.get_object(Bucket=settings.bucket, Key=key)
+    except _Captured as captured:
+        return captured.url
+    finally:
+        unsigned.close()
+    raise RuntimeError("boto3 sent a request it was asked not to send")
 
 
 def _credentials_from(session: boto3.Session) -> Callable[[], awscrt.auth.AwsCredentials]:

@@ -3,6 +3,7 @@ failed mount leaves nothing behind."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import time
@@ -207,3 +208,38 @@ def test_path_style_with_a_host_name(s3_server, s3, bucket, mountpoint):
     finally:
         pail_cli("unmount", str(mountpoint), env={})
     assert_nothing_left(mountpoint)
+
+
+@pytest.mark.s3_servers("moto")
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_foreground_mount_unmounts_on_signal(s3, bucket, mount_bucket, signal_name):
+    import signal
+
+    s3.put_object(Bucket=bucket, Key="f", Body=b"1")
+    mount = mount_bucket(bucket)
+    busy = os.open(mount.path / "f", os.O_RDONLY)  # an open file does not stop the unmount
+    mount.process.send_signal(getattr(signal, signal_name))
+    assert mount.process.wait(timeout=30) == 0
+    assert not is_mounted(mount.path)
+    with pytest.raises(OSError) as gone:
+        os.read(busy, 1)
+    assert gone.value.errno == errno.ENOTCONN, "the mount's server is gone"
+    try:
+        os.close(busy)
+    except OSError:
+        pass  # closing a descriptor of a detached FUSE mount reports ENOTCONN too
+    assert [e["event"] for e in mount.log()][-1] == "unmounted"
+
+
+@pytest.mark.s3_servers("moto")
+def test_unmount_refuses_while_a_file_is_open(s3, bucket, mount_bucket):
+    s3.put_object(Bucket=bucket, Key="f", Body=b"1")
+    mount = mount_bucket(bucket)
+    with open(mount.path / "f", "rb"):
+        result = pail_cli("unmount", str(mount.path), env={})
+        assert result.returncode == 1
+        assert "busy" in result.stderr
+        assert is_mounted(mount.path)
+    result = pail_cli("unmount", str(mount.path), env={})
+    assert result.returncode == 0, result.stderr
+    assert mount.process.wait(timeout=30) == 0
