@@ -334,7 +334,8 @@ class Mounts:
         result = subprocess.run(
             [*self.pail, "mount", bucket, str(directory), "--endpoint-url", endpoint, "--region", REGION,
              "--log-format", "json", "--log-file", str(log_path)],
-            env=env, capture_output=True, text=True, timeout=MOUNT_TIMEOUT, stdin=subprocess.DEVNULL)
+            env=env, capture_output=True, text=True, timeout=MOUNT_TIMEOUT, stdin=subprocess.DEVNULL,
+            check=False)
         pid = self._find(str(directory))
         self.live[str(directory)] = pid
         if result.returncode != 0:
@@ -356,7 +357,7 @@ class Mounts:
         """``pail unmount``, then wait (bounded) for the mount process to exit."""
         t0 = time.perf_counter()
         result = subprocess.run([*self.pail, "unmount", directory], capture_output=True, text=True,
-                                timeout=UNMOUNT_TIMEOUT, stdin=subprocess.DEVNULL)
+                                timeout=UNMOUNT_TIMEOUT, stdin=subprocess.DEVNULL, check=False)
         if result.returncode != 0:
             raise BenchError(f"pail unmount failed: {result.stderr.strip()}")
         deadline = time.monotonic() + UNMOUNT_TIMEOUT
@@ -372,7 +373,8 @@ class Mounts:
         for directory in list(self.live):
             with contextlib.suppress(Exception):
                 if is_mounted(directory):
-                    subprocess.run(["fusermount3", "-u", "-z", directory], capture_output=True, timeout=30)
+                    subprocess.run(["fusermount3", "-u", "-z", directory], capture_output=True, timeout=30,
+                                   check=False)
             pid = mount_pid(directory)
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 if pid is None:
@@ -392,7 +394,8 @@ def read_file(path: str, verify: Path | None = None) -> dict:
         command += ["--verify", str(verify)]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=READ_TIMEOUT,
-                                cwd=Path(__file__).resolve().parent.parent, stdin=subprocess.DEVNULL)
+                                cwd=Path(__file__).resolve().parent.parent, stdin=subprocess.DEVNULL,
+                                check=False)
     except subprocess.TimeoutExpired:
         raise BenchError(f"reading {path} did not finish within {READ_TIMEOUT:.0f} s") from None
     if result.returncode != 0:
@@ -413,6 +416,9 @@ def mount_run(mounts: Mounts, server, bucket: str, size: int, data_path: str) ->
     unmount_s = mounts.unmount(directory)
     if read["bytes"] != size:
         raise BenchError(f"read {read['bytes']} bytes through the mount, expected {size} (log {log_path})")
+    seen = "crt" if any(name.startswith("AwsEventLoop") for name in threads1) else "boto3"
+    if seen != data_path:
+        _say(f"warning: asked for data path {data_path}, but the mount's threads look like {seen}")
     seconds = read["seconds"]
     mount_cpu = (cpu1 or 0) - (cpu0 or 0)
     by_thread = {k: round(threads1.get(k, 0) - threads0.get(k, 0), 2) for k in threads1}
@@ -423,6 +429,7 @@ def mount_run(mounts: Mounts, server, bucket: str, size: int, data_path: str) ->
         "mount_main_thread_util": round(by_thread.get("main", 0) / seconds, 2),
         "mount_cpu_by_thread_s": by_thread,
         "mount_threads": n_threads,
+        "data_path_seen": seen,  # from the mount's thread names: awscrt runs "AwsEventLoop" threads
         # includes the reader's start-up (~0.1 s of a Python interpreter) around the read
         "server_cpu_s": round((server1 or 0) - (server0 or 0), 2),
         "machine": machine_cpu(ticks0, ticks1),
@@ -458,7 +465,7 @@ def trace_pass(mounts: Mounts, server, bucket: str, block_file: Path) -> dict:
     out = {}
     for data_path in ("crt", "boto3"):
         with S3Proxy(server.endpoint) as proxy:
-            directory, pid, _ = mounts.mount(server, bucket, proxy.endpoint, data_path)
+            directory, _, _ = mounts.mount(server, bucket, proxy.endpoint, data_path)
             proxy.clear()
             read = read_file(os.path.join(directory, KEY), verify=block_file)
             mounts.unmount(directory)
@@ -502,7 +509,7 @@ def machine_info() -> dict:
     weed = Path(sys.executable).with_name("weed")
     try:
         weed_version = subprocess.run([str(weed), "version"], capture_output=True, text=True,
-                                      timeout=30).stdout.splitlines()[0].strip()
+                                      timeout=30, check=False).stdout.splitlines()[0].strip()
     except (OSError, subprocess.SubprocessError, IndexError):
         weed_version = None
     cpu_model = None
@@ -511,6 +518,15 @@ def machine_info() -> dict:
             cpu_model = line.split(":", 1)[1].strip()
             break
     mem = status_kib_from_meminfo("MemTotal")
+    root = Path(__file__).resolve().parent.parent
+    try:  # read-only git: which Pail was measured
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=30, check=False).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--", "driver"],
+                                    cwd=root, capture_output=True, text=True, timeout=30,
+                                    check=False).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
     return {
         "cpu_count": os.cpu_count(),
         "cpu_model": cpu_model,
@@ -520,6 +536,8 @@ def machine_info() -> dict:
         "packages": {name: version(name) for name in ("awscrt", "boto3", "botocore", "pyfuse3", "trio",
                                                       "pail-csi")},
         "seaweedfs": weed_version,
+        "pail_commit": commit,
+        "pail_driver_modified": dirty,  # uncommitted changes under driver/ when measured
     }
 
 
@@ -547,11 +565,13 @@ def summarize(runs: list[dict]) -> dict:
 def markdown(result: dict) -> str:
     variants = result["variants"]
     lines = [
-        f"Sequential read of a {result['config']['size_mib']} MiB object, SeaweedFS on 127.0.0.1, "
-        f"median of {result['config']['runs']} runs (MB/s = 10^6 bytes/s), {result['date']}",
+        (f"Sequential read of a {result['config']['size_mib']} MiB object, SeaweedFS on 127.0.0.1, "
+         f"median of {result['config']['runs']} runs (MB/s = 10^6 bytes/s), {result['date']}, "
+         f"Pail {result['machine'].get('pail_commit')}"
+         f"{' + uncommitted driver/ changes' if result['machine'].get('pail_driver_modified') else ''}"),
         "",
-        "| variant | median MB/s | min–max | ratio to raw awscrt | ratio to raw boto3 | peak RSS | "
-        "client CPU s/GiB |",
+        ("| variant | median MB/s | min–max | ratio to raw awscrt | ratio to raw boto3 | peak RSS | "
+         "client CPU s/GiB |"),
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     gib = result["config"]["size_bytes"] / (1024 * MiB)
@@ -576,8 +596,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.seq_read", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=1024, help="object size in MiB (default 1024)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per variant (default 3)")
-    parser.add_argument("--out", default="bench/results", help="directory for the results (default bench/results)")
-    parser.add_argument("--no-trace", action="store_true", help="skip the untimed pass through the recording proxy")
+    parser.add_argument("--out", default="bench/results",
+                        help="directory for the results (default bench/results)")
+    parser.add_argument("--no-trace", action="store_true",
+                        help="skip the untimed pass through the recording proxy")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the server's data and mount logs")
     args = parser.parse_args(argv)
     if args.size_mib <= 0 or args.runs <= 0:
@@ -594,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     mounts = Mounts(workdir)
     try:
-        started = datetime.datetime.now(datetime.timezone.utc)
+        started = datetime.datetime.now(datetime.UTC)
         load_before = os.getloadavg()
         _say(f"starting SeaweedFS in {workdir}")
         server = start_seaweedfs(workdir / "seaweedfs")
@@ -614,7 +636,8 @@ def main(argv: list[str] | None = None) -> int:
                     run = (raw_awscrt if name == "raw_awscrt" else raw_boto3)(server, bucket, size)
                     run.update(prepared)
                 else:
-                    run = mount_run(mounts, server, bucket, size, "crt" if name == "mount_awscrt" else "boto3")
+                    data_path = "crt" if name == "mount_awscrt" else "boto3"
+                    run = mount_run(mounts, server, bucket, size, data_path)
                 _attribute(run)
                 run["load_avg_1m"] = round(os.getloadavg()[0], 2)
                 runs[name].append(run)

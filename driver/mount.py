@@ -7,7 +7,6 @@ learns that the mount answers, or why it does not.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from urllib.parse import urlsplit
 
@@ -40,22 +39,7 @@ class _Parent:
             os.close(fd)
 
 
-def _tune_malloc() -> None:
-    """Keep the process's memory close to what it holds: object data moves through
-    buffers of up to 8 MiB, allocated and freed on several threads. With glibc's
-    defaults, freed buffers of that size stay in per-thread heaps; served from mmap they
-    go back to the system at once."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc: nothing to tune
-    m_mmap_threshold, m_arena_max = -3, -8
-    libc.mallopt(m_mmap_threshold, 256 * 1024)
-    libc.mallopt(m_arena_max, 2)
-
-
 def run_mount(config: MountConfig, region: str, *, ready_fd: int | None = None) -> int:
-    _tune_malloc()
     parent = _Parent(ready_fd)
     structlog.contextvars.bind_contextvars(bucket=config.s3.bucket, prefix=config.fs.prefix)
     log.info("starting", mountpoint=config.mountpoint, region=region, endpoint=_without_userinfo(config.s3.endpoint_url),

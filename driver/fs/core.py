@@ -25,7 +25,7 @@ from driver.fs.inode import Inode, InodeTable, Kind
 from driver.fs.listing import DirectoryListing, Entry
 from driver.fs.names import DELIMITER, NAME_MAX, is_valid_name
 from driver.fs.prefetch import MemoryBudget, PrefetchConfig, Prefetcher
-from driver.s3.api import NoSuchKey, ObjectClient, ObjectClientError
+from driver.s3.api import ListPage, NoSuchKey, ObjectClient, ObjectClientError
 
 log = structlog.get_logger("pail.fs")
 _H = TypeVar("_H", "FileHandle", "DirHandle")
@@ -43,7 +43,7 @@ class FileHandle:
 class DirHandle:
     inode: Inode
     listing: DirectoryListing | None  # None once the whole directory is listed
-    # Entries listed so far; entry i has readdir offset i + 3 ("." and ".." come first).
+    # Entries listed so far; entry i is at readdir offset i + 2 ("." and ".." are 0 and 1).
     entries: list[tuple[str, Inode]] = field(default_factory=list)
     listed: list[Entry] = field(default_factory=list)
 
@@ -159,7 +159,7 @@ class Filesystem:
         self.inodes.remove_child(parent.ino, name)
         raise FsError(errno.ENOENT, "no such object or prefix")
 
-    async def _list_one(self, prefix: str):
+    async def _list_one(self, prefix: str) -> ListPage:
         try:
             return await self.client.list_objects(prefix, max_keys=1)
         except ObjectClientError as exc:
@@ -169,10 +169,6 @@ class Filesystem:
         self.inodes.forget(ino, count)
         if self.inodes.get(ino) is None:
             self._forget_listing(ino)
-
-    def add_reference(self, inode: Inode) -> None:
-        """The kernel took a reference through a readdirplus entry."""
-        self.inodes.add_lookup(inode)
 
     # -- attributes ----------------------------------------------------------------------
 
@@ -312,7 +308,7 @@ class Filesystem:
         self._handles[fh] = FileHandle(inode, reader)
         return fh, keep_cache
 
-    async def read(self, fh: int, offset: int, length: int) -> bytes:
+    async def read(self, fh: int, offset: int, length: int) -> bytes | memoryview:
         handle = self._handle(fh, FileHandle)
         try:
             return await handle.reader.read(offset, length)

@@ -22,6 +22,8 @@ from driver.s3.api import ObjectClient, ObjectClientError
 
 log = structlog.get_logger("pail.prefetch")
 
+IN_FLIGHT_COPIES = 2
+
 
 class MemoryBudget:
     """Bytes of fetched object data that all open files of a mount may hold."""
@@ -56,7 +58,7 @@ class _Chunk:
     start: int
     end: int
     done: trio.Event = field(default_factory=trio.Event)
-    data: bytes = b""
+    data: memoryview = memoryview(b"")
     error: FsError | None = None
     cancelled: bool = False
     reserved: int = 0  # bytes of the memory budget this chunk holds
@@ -100,7 +102,9 @@ class Prefetcher:
         self._stale: FsError | None = None
         self._closed = False
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | memoryview:
+        """Bytes [offset, offset + length) of the object, short at its end. A read within
+        one fetched request is a view of it, not a copy: pyfuse3 replies from any buffer."""
         if self._stale is not None:
             raise self._stale
         if self._closed:
@@ -201,11 +205,14 @@ class Prefetcher:
         end = min(start + size, self._size)
         if end <= start:
             return False
+        # While a request is in flight its bytes exist twice: in the HTTP client's receive
+        # buffer and in the copy it hands over. Once delivered, only the copy remains.
+        charge = IN_FLIGHT_COPIES * (end - start)
         if forced:
-            self._budget.reserve_anyway(end - start)
-        elif not self._budget.try_reserve(end - start):
+            self._budget.reserve_anyway(charge)
+        elif not self._budget.try_reserve(charge):
             return False
-        chunk = _Chunk(start, end, reserved=end - start)
+        chunk = _Chunk(start, end, reserved=charge)
         self._chunks.append(chunk)
         self._nursery.start_soon(self._fetch, chunk)
         return True
@@ -213,13 +220,17 @@ class Prefetcher:
     async def _fetch(self, chunk: _Chunk) -> None:
         with chunk.scope:
             try:
-                chunk.data = await self._client.get_range(
+                chunk.data = memoryview(await self._client.get_range(
                     self._key, chunk.start, chunk.end - chunk.start, etag=self._etag
-                )
+                ))
             except ObjectClientError as exc:
                 chunk.error = from_store(exc, during="read")
                 log.warning("read failed", op="read", key=self._key, start=chunk.start, end=chunk.end,
                             errno=chunk.error.errno, **exc.log_fields())
+        if not chunk.cancelled:
+            delivered = len(chunk.data)
+            self._budget.release(chunk.reserved - delivered)
+            chunk.reserved = delivered
         chunk.done.set()
 
     def _cancel(self, chunk: _Chunk) -> None:

@@ -80,7 +80,8 @@ async def serve(config: MountConfig, client: ObjectClient, on_ready: Callable[[]
             unmounted = True
         finally:
             await fs.aclose()
-            log.info("unmounted", mountpoint=config.mountpoint, clean=unmounted)
+            log.info("unmounted", mountpoint=config.mountpoint, clean=unmounted,
+                     object_memory_peak=fs.budget.peak, object_memory_limit=fs.budget.limit)
 
 
 async def _report_ready(mountpoint: str, on_ready: Callable[[], None]) -> None:

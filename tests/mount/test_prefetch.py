@@ -12,6 +12,7 @@ KiB, MiB = 1024, 1024 * 1024
 MIN_REQUEST = 256 * KiB  # FsSettings defaults
 MAX_REQUEST = 8 * MiB
 MAX_AHEAD = 4
+SLACK = 32 * MiB
 
 
 def upload(s3, bucket, key, size, seed=1):
@@ -21,20 +22,21 @@ def upload(s3, bucket, key, size, seed=1):
     return hashlib.sha256(data).hexdigest()
 
 
-def peak_rss(pid: int) -> int:
+def memory(pid: int, field: str) -> int:
+    """A size from /proc/PID/status: VmRSS (now) or VmHWM (peak)."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * KiB
-    raise AssertionError("no VmHWM")
+    raise AssertionError(f"no {field}")
+
+
+def peak_rss(pid: int) -> int:
+    return memory(pid, "VmHWM")
 
 
 def current_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * KiB
-    raise AssertionError("no VmRSS")
+    return memory(pid, "VmRSS")
 
 
 @pytest.mark.s3_servers("seaweedfs")  # moto serves large ranged GETs at ~10 MB/s
@@ -60,9 +62,10 @@ def test_sequential_read_prefetches_growing_requests(s3, bucket, proxy, mount_bu
     assert all(size == MAX_REQUEST for size in sizes[capped:-1])
     assert sum(sizes) == 256 * MiB, "each byte fetched once"
     assert proxy.max_in_flight("GetObject") <= MAX_AHEAD + 1
-    # Memory: prefetched data stays within --max-memory (plus one request a read may
-    # force), on top of what the process used before reading.
-    assert peak_rss(mount.process.pid) - rss_before <= 64 * MiB + MAX_REQUEST + 16 * MiB
+    # Memory: object data stays within --max-memory (plus the one request a read may
+    # force, counted twice while in flight), on top of what the process used before;
+    # SLACK is for the allocator and the HTTP client's buffer pool.
+    assert peak_rss(mount.process.pid) - rss_before <= 64 * MiB + 2 * MAX_REQUEST + SLACK
 
 
 @pytest.mark.s3_servers("seaweedfs")
@@ -104,4 +107,4 @@ def test_parallel_readers_share_one_budget(s3, bucket, proxy, mount_bucket):
     with ThreadPoolExecutor(4) as pool:
         assert dict(pool.map(read, digests)) == digests
     # Four readers: prefetch within 32 MiB, plus at most one forced request per reader.
-    assert peak_rss(mount.process.pid) - rss_before <= 32 * MiB + 4 * MAX_REQUEST + 16 * MiB
+    assert peak_rss(mount.process.pid) - rss_before <= 32 * MiB + 4 * 2 * MAX_REQUEST + SLACK
