@@ -66,7 +66,10 @@ class CrtDataPath:
             part_size=CRT_PART_SIZE,
             memory_limit=CRT_MEMORY_LIMIT,
             throughput_target_gbps=10.0,
-            retry_config=awscrt.s3.S3RetryConfig(max_retries=max(0, settings.max_attempts - 1)),
+            # Backoff from 200 ms doubling (full jitter): all attempts fit well within the
+            # request timeout, so a failure reports S3's status rather than a timeout.
+            retry_config=awscrt.s3.S3RetryConfig(max_retries=max(0, settings.max_attempts - 1),
+                                                 backoff_scale_factor_ms=200, max_backoff_secs=5),
             connect_timeout_ms=int(min(settings.connect_timeout, settings.request_timeout) * 1000),
         )
         # One data request may not take longer than this in all, retries included.

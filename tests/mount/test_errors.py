@@ -27,7 +27,7 @@ def expect_errno(code, fn, *args):
 def test_persistent_server_errors_are_eio_and_reads_work_again_after(s3, bucket, proxy, mount_bucket):
     data = os.urandom(3 * MiB)
     s3.put_object(Bucket=bucket, Key="f", Body=data)
-    mount = mount_bucket(bucket, "--request-timeout", "5", endpoint=proxy.endpoint)
+    mount = mount_bucket(bucket, "--request-timeout", "20", endpoint=proxy.endpoint)
     os.stat(mount.path / "f")
     with proxy.inject(Status(500), op="GetObject", times=None):
         expect_errno(errno.EIO, read_all, mount.path / "f")
