@@ -23,6 +23,7 @@ from driver import log as logging_setup
 from driver.config import (
     ConfigError,
     FsSettings,
+    SSE_MODES,
     MountConfig,
     S3Settings,
     normalize_prefix,
@@ -67,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default 30)")
     files = mount.add_argument_group("files")
     files.add_argument("--read-only", action="store_true", help="refuse every change")
+    files.add_argument("--allow-overwrite", action="store_true",
+                       help="let open(O_TRUNC) of an existing file replace its object")
+    files.add_argument("--allow-delete", action="store_true", help="let unlink delete objects")
+    files.add_argument("--write-part-size", default="8MiB",
+                       help="part size of uploads (default 8MiB; a file can have 10,000 parts, so "
+                            "this caps file size at 10,000 times it: 78 GiB by default)")
     files.add_argument("--uid", help="owner of every file and directory (default: yours)")
     files.add_argument("--gid", help="group of every file and directory (default: yours)")
     files.add_argument("--file-mode", default="0644", help="permission bits of files (default 0644)")
@@ -78,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "(0: ask S3 every time) or 'indefinite' (default 1)")
     files.add_argument("--max-memory", default="512MiB",
                        help="memory for prefetched data of all open files (default 512MiB)")
+    objects = mount.add_argument_group("objects")
+    objects.add_argument("--storage-class", help="storage class of new objects (e.g. STANDARD_IA)")
+    objects.add_argument("--sse", choices=SSE_MODES, help="server-side encryption of new objects")
+    objects.add_argument("--sse-kms-key-id", help="KMS key for --sse aws:kms (default: the AWS managed key)")
+    objects.add_argument("--requester-pays", action="store_true",
+                         help="accept the request charges of a requester-pays bucket")
+    objects.add_argument("--expected-bucket-owner", help="refuse a bucket not owned by this AWS account id")
+    objects.add_argument("--upload-checksums", choices=("crc32c", "off"), default="crc32c",
+                         help="send a CRC32C of every upload for S3 to check (default crc32c)")
     run = mount.add_argument_group("process")
     run.add_argument("--foreground", action="store_true", help="stay in the foreground until unmounted")
     run.add_argument("--debug", action="store_true", help="log every file operation")
@@ -110,6 +126,12 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         no_sign_request=args.no_sign_request,
         ca_bundle=args.ca_bundle or None,
         request_timeout=parse_seconds(args.request_timeout, "--request-timeout"),
+        requester_pays=args.requester_pays,
+        expected_bucket_owner=args.expected_bucket_owner,
+        storage_class=args.storage_class,
+        sse=args.sse,
+        sse_kms_key_id=args.sse_kms_key_id,
+        upload_checksum=None if args.upload_checksums == "off" else "CRC32C",
     )
     fs = FsSettings(
         prefix=normalize_prefix(args.prefix),
@@ -120,6 +142,9 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         dir_mode=parse_mode(args.dir_mode, "--dir-mode"),
         metadata_ttl=parse_ttl(args.metadata_ttl),
         max_memory=parse_size(args.max_memory, "--max-memory"),
+        write_part_size=parse_size(args.write_part_size, "--write-part-size"),
+        allow_overwrite=args.allow_overwrite,
+        allow_delete=args.allow_delete,
     )
     return MountConfig(
         s3=s3, fs=fs, mountpoint=os.path.realpath(args.directory),

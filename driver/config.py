@@ -19,6 +19,10 @@ MiB = 1024 * KiB
 TTL_MINIMAL = 0.0
 TTL_INDEFINITE = math.inf
 DEFAULT_METADATA_TTL = 1.0
+# S3 takes parts of 5 MiB to 5 GiB (but for the last); some S3-compatible stores take
+# smaller ones, so smaller sizes are accepted for them.
+MIN_WRITE_PART_SIZE = 1 * KiB
+MAX_WRITE_PART_SIZE = 5 * 1024 * MiB
 
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,253}[a-z0-9]$")
 _ACCESS_POINT_ARN = re.compile(r"^arn:aws[a-zA-Z-]*:s3(-object-lambda|-outposts)?:[a-z0-9-]*:\d{12}:\S+$")
@@ -112,7 +116,7 @@ def normalize_prefix(prefix: str) -> str:
 
 @dataclass(frozen=True)
 class S3Settings:
-    """Where the bucket is and how to talk to it."""
+    """Where the bucket is, how to talk to it, and what every request carries."""
 
     bucket: str
     region: str | None = None  # None: ask the bucket
@@ -126,11 +130,33 @@ class S3Settings:
     # The longest one S3 request may wait for an answer (for a metadata request: per
     # attempt; for a data request: in all, retries included).
     request_timeout: float = 30.0
+    user_agent_extra: str = "pail"
+    # Sent on every request they apply to (see driver.s3.options).
+    requester_pays: bool = False
+    expected_bucket_owner: str | None = None
+    storage_class: str | None = None
+    sse: str | None = None  # "aws:kms" or "AES256"
+    sse_kms_key_id: str | None = None
+    upload_checksum: str | None = "CRC32C"  # or None: no checksums on uploads
 
     def __post_init__(self) -> None:
         if not 0 < self.request_timeout <= 3600:
             raise ConfigError("--request-timeout", "must be more than 0 and at most 3600 seconds")
-    user_agent_extra: str = "pail"
+        if self.storage_class is not None and self.storage_class not in STORAGE_CLASSES:
+            raise ConfigError("--storage-class", f"{self.storage_class!r} is not one of {', '.join(STORAGE_CLASSES)}")
+        if self.sse is not None and self.sse not in SSE_MODES:
+            raise ConfigError("--sse", f"{self.sse!r} is not one of {', '.join(SSE_MODES)}")
+        if self.sse_kms_key_id and self.sse != "aws:kms":
+            raise ConfigError("--sse-kms-key-id", "needs --sse aws:kms")
+        if self.expected_bucket_owner is not None and not re.fullmatch(r"\d{12}", self.expected_bucket_owner):
+            raise ConfigError("--expected-bucket-owner", "must be a 12-digit AWS account id")
+        if self.upload_checksum not in (None, "CRC32C"):
+            raise ConfigError("--upload-checksums", "must be crc32c or off")
+
+
+STORAGE_CLASSES = ("STANDARD", "REDUCED_REDUNDANCY", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING",
+                   "GLACIER", "DEEP_ARCHIVE", "GLACIER_IR", "OUTPOSTS", "EXPRESS_ONEZONE")
+SSE_MODES = ("aws:kms", "AES256")
 
 
 @dataclass(frozen=True)
@@ -150,12 +176,20 @@ class FsSettings:
     max_request: int = 8 * MiB
     max_ahead: int = 4
     max_memory: int = 512 * MiB  # prefetched bytes held by all open files together
+    # Writing: new objects are multipart uploads of write_part_size parts, at most
+    # parts_in_flight uploading while the writer fills the next.
+    write_part_size: int = 8 * MiB
+    parts_in_flight: int = 4
+    allow_overwrite: bool = False
+    allow_delete: bool = False
 
     def __post_init__(self) -> None:
         if self.min_request <= 0 or self.max_request < self.min_request:
             raise ConfigError("prefetch", "need 0 < min_request <= max_request")
         if self.max_memory < self.max_request:
             raise ConfigError("--max-memory", f"must be at least {self.max_request // MiB} MiB")
+        if not MIN_WRITE_PART_SIZE <= self.write_part_size <= MAX_WRITE_PART_SIZE:
+            raise ConfigError("--write-part-size", "must be between 1 KiB and 5 GiB (S3 itself needs at least 5 MiB)")
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,11 @@ def mount_bucket(s3_server, tmp_path):
     """
     mounts: list[PailMount] = []
 
-    def start(bucket: str, *options: str, endpoint: str | None = None) -> PailMount:
+    def start(bucket: str, *options: str, endpoint: str | None = None, env: dict | None = None) -> PailMount:
         n = len(mounts)
         mount = PailMount(bucket=bucket, path=tmp_path / f"mnt{n}", endpoint=endpoint or s3_server.endpoint,
-                          env=s3_server.env(), args=list(options), log_path=tmp_path / f"mnt{n}.log")
+                          env={**s3_server.env(), **(env or {})}, args=list(options),
+                          log_path=tmp_path / f"mnt{n}.log")
         mounts.append(mount)
         return mount.start()
 

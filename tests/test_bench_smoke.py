@@ -1,5 +1,6 @@
-"""The sequential-read benchmark runs end to end (on a tiny object) and reports a speed
-for every variant. Benchmarks never fail on timing: no threshold is checked here."""
+"""The sequential-read and sequential-write benchmarks run end to end (on a tiny object)
+and report a speed for every variant. Benchmarks never fail on timing: no threshold is
+checked here."""
 
 from __future__ import annotations
 
@@ -27,3 +28,24 @@ def test_seq_read_benchmark_runs_end_to_end(tmp_path):
         assert report["variants"][name]["runs"][0]["peak_rss_mib"] > 0
         assert report["trace"][name]["verified"] is True  # every byte read back was right
     assert (tmp_path / "seq_read.md").read_text().count("| Pail mount") == 2
+
+
+def test_seq_write_benchmark_runs_end_to_end(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.seq_write", "--size-mib", "16", "--runs", "1", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "seq_write.json").read_text())
+    for name in ("raw_boto3", "raw_awscrt", "mount"):
+        runs = report["variants"][name]["runs"]
+        assert len(runs) == 1
+        assert runs[0]["bytes"] == runs[0]["head_size"] == 16 * 1024 * 1024  # HEAD after each write
+        assert report["variants"][name]["summary"]["median_mb_s"] > 0, name
+    mount = report["variants"]["mount"]["runs"][0]
+    assert mount["bytes_verified"] is True and mount["peak_rss_mib"] > 0
+    trace = report["trace"]
+    assert trace["verified"] is True  # every byte of the object written via the proxy
+    assert trace["upload_parts"] == 2 and trace["part_sizes"] == {"8 MiB": 2}
+    assert 1 <= trace["max_parts_in_flight"] <= 4
+    assert trace["parts_sent_before_close"] >= 1  # uploaded while written, not at close
+    assert (tmp_path / "seq_write.md").read_text().count("| Pail mount") == 1

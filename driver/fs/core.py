@@ -1,9 +1,10 @@
-"""The filesystem: lookups, attributes, directory listings and reads, over an ObjectClient.
+"""The filesystem: names, attributes, reads and writes, over an ObjectClient.
 
 Operations take and return plain values (inode numbers, ``Inode`` records, bytes) and
 raise ``FsError``; ``driver.fuse`` turns them into kernel replies. Metadata is cached for
 ``metadata_ttl`` seconds: within it, a lookup or ``stat`` answers from what the last
-listing or HEAD said; after it, S3 is asked again.
+listing or HEAD said; after it, S3 is asked again. Files are read through a
+``Prefetcher`` and written through an ``Upload``; directory work is in ``directories``.
 """
 
 from __future__ import annotations
@@ -13,49 +14,43 @@ import itertools
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import structlog
 import trio
 
 from driver.config import FsSettings
+from driver.fs.directories import DirHandle, Directories
 from driver.fs.errors import FsError, from_store
 from driver.fs.inode import Inode, InodeTable, Kind
-from driver.fs.listing import DirectoryListing, Entry
 from driver.fs.names import DELIMITER, NAME_MAX, is_valid_name
 from driver.fs.prefetch import MemoryBudget, PrefetchConfig, Prefetcher
+from driver.fs.upload import Upload
 from driver.s3.api import ListPage, NoSuchKey, ObjectClient, ObjectClientError
 
 log = structlog.get_logger("pail.fs")
-_H = TypeVar("_H", "FileHandle", "DirHandle")
+_H = TypeVar("_H", "ReadHandle", "WriteHandle", DirHandle)
 
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
+_ACCESS = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
 
 
 @dataclass(eq=False)
-class FileHandle:
+class ReadHandle:
     inode: Inode
     reader: Prefetcher
 
 
 @dataclass(eq=False)
-class DirHandle:
+class WriteHandle:
     inode: Inode
-    listing: DirectoryListing | None  # None once the whole directory is listed
-    # Entries listed so far; entry i is at readdir offset i + 2 ("." and ".." are 0 and 1).
-    entries: list[tuple[str, Inode]] = field(default_factory=list)
-    listed: list[Entry] = field(default_factory=list)
+    upload: Upload
+    opener_pid: int  # the process that opened it: its last close completes the upload
+    committed: bool = False  # fsync completed the object: no more writes
 
 
-@dataclass(eq=False)
-class _CachedListing:
-    entries: list[Entry]
-    valid_until: float
-
-
-# Entries of complete listings kept for reuse within the TTL, all directories together.
-MAX_CACHED_ENTRIES = 200_000
+def _wants_write(flags: int) -> bool:
+    return (flags & _ACCESS) != os.O_RDONLY or bool(flags & (os.O_TRUNC | os.O_APPEND))
 
 
 class Filesystem:
@@ -65,19 +60,18 @@ class Filesystem:
         self.client = client
         self.settings = settings
         self.inodes = InodeTable(settings.prefix, mount_time=time.time())
+        self.directories = Directories(client, self.inodes, settings.metadata_ttl)
         self.budget = MemoryBudget(settings.max_memory)
         self._prefetch = PrefetchConfig(settings.min_request, settings.max_request, settings.max_ahead)
-        self._handles: dict[int, FileHandle | DirHandle] = {}
+        self._handles: dict[int, ReadHandle | WriteHandle | DirHandle] = {}
         self._next_fh = itertools.count(1)
         self._nursery: trio.Nursery | None = None
-        self._listings: dict[int, _CachedListing] = {}
-        self._cached_entries = 0
         # Called with an inode number when its size or mtime changed outside a reply to the
         # kernel; the FUSE adapter invalidates the kernel's cached attributes.
         self.on_attributes_changed: Callable[[int], None] = lambda ino: None
 
     def start(self, nursery: trio.Nursery) -> None:
-        """Background work (prefetch requests) runs in ``nursery``, which outlives handles."""
+        """Background work (prefetch, part uploads) runs in ``nursery``, which outlives handles."""
         self._nursery = nursery
 
     def _deadline(self) -> float:
@@ -89,22 +83,45 @@ class Filesystem:
             raise FsError(errno.ENOENT, f"unknown inode {ino}")
         return inode
 
+    def _handle(self, fh: int, kind: type[_H]) -> _H:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, kind):
+            raise FsError(errno.EBADF, f"no such handle {fh}")
+        return handle
+
+    def _new_handle(self, handle: ReadHandle | WriteHandle | DirHandle) -> int:
+        fh = next(self._next_fh)
+        self._handles[fh] = handle
+        return fh
+
+    def _writable(self) -> None:
+        if self.settings.read_only:
+            raise FsError(errno.EROFS, "the mount is read-only")
+
     # -- names -------------------------------------------------------------------------
 
     async def lookup(self, parent_ino: int, name: str) -> Inode:
         """The entry ``name`` in a directory; counts one kernel reference on success."""
-        parent = self._inode(parent_ino)
-        if not parent.is_dir:
-            raise FsError(errno.ENOTDIR, "lookup in a file")
+        parent = self._dir(parent_ino)
+        self._check_name(name)
+        inode = self.inodes.child(parent.ino, name)
+        if inode is None or not (inode.is_fresh() or inode.held):
+            inode = await self._lookup_remote(parent, name)
+        self.inodes.add_lookup(inode)
+        return inode
+
+    def _dir(self, ino: int) -> Inode:
+        inode = self._inode(ino)
+        if not inode.is_dir:
+            raise FsError(errno.ENOTDIR, "not a directory")
+        return inode
+
+    @staticmethod
+    def _check_name(name: str) -> None:
         if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG, "name longer than 255 bytes")
         if not is_valid_name(name):
             raise FsError(errno.ENOENT, "name can never be an S3 key segment")
-        inode = self.inodes.child(parent.ino, name)
-        if inode is None or not inode.is_fresh():
-            inode = await self._lookup_remote(parent, name)
-        self.inodes.add_lookup(inode)
-        return inode
 
     async def _lookup_remote(self, parent: Inode, name: str) -> Inode:
         before = self.inodes.child(parent.ino, name)
@@ -112,10 +129,10 @@ class Filesystem:
             found = await self._ask_s3(parent, name, was_dir=before is not None and before.is_dir)
         except FsError as exc:
             if exc.errno == errno.ENOENT and before is not None:
-                self._forget_listing(parent.ino)  # the cached listing shows a name now gone
+                self.directories.forget(parent.ino)  # the cached listing shows a name now gone
             raise
         if before is None or before.kind is not found.kind:
-            self._forget_listing(parent.ino)  # the cached listing lacks this name or kind
+            self.directories.forget(parent.ino)  # the cached listing lacks this name or kind
         return found
 
     async def _ask_s3(self, parent: Inode, name: str, *, was_dir: bool) -> Inode:
@@ -168,19 +185,19 @@ class Filesystem:
     def forget(self, ino: int, count: int) -> None:
         self.inodes.forget(ino, count)
         if self.inodes.get(ino) is None:
-            self._forget_listing(ino)
+            self.directories.forget(ino)
 
     # -- attributes ----------------------------------------------------------------------
 
     async def getattr(self, ino: int) -> Inode:
         inode = self._inode(ino)
-        if inode.is_dir or inode.is_fresh():
+        if inode.is_dir or inode.is_fresh() or inode.held:
             return inode
         try:
             info = await self.client.head_object(inode.key)
         except NoSuchKey:
             self.inodes.remove_child(inode.parent, inode.name)
-            self._forget_listing(inode.parent)
+            self.directories.forget(inode.parent)
             raise FsError(errno.ENOENT, "object deleted in S3") from None
         except ObjectClientError as exc:
             raise from_store(exc, during="getattr") from None
@@ -194,122 +211,99 @@ class Filesystem:
             self.on_attributes_changed(inode.ino)
         return inode
 
-    def attr_timeout(self) -> float:
-        return self.settings.metadata_ttl
+    async def setattr(self, ino: int, *, size: int | None = None, mode: int | None = None,
+                      uid: int | None = None, gid: int | None = None, times: bool = False) -> Inode:
+        """Only what S3 can keep: truncating a file being written to 0 (it starts over),
+        setting its times while it is written (S3 then keeps the upload's time), a
+        directory's times (not stored), and modes or owners equal to the mount's."""
+        self._writable()
+        inode = self._inode(ino)
+        expected_mode = self.settings.dir_mode if inode.is_dir else self.settings.file_mode
+        if mode is not None and (mode & 0o7777) != expected_mode:
+            raise FsError(errno.EPERM, "modes are mount-wide (--file-mode, --dir-mode)")
+        if (uid is not None and uid != self.settings.uid) or (gid is not None and gid != self.settings.gid):
+            raise FsError(errno.EPERM, "owners are mount-wide (--uid, --gid)")
+        writer = inode.writer if isinstance(inode.writer, WriteHandle) else None
+        if size is not None and size != inode.size:
+            if writer is None or size != 0:
+                raise FsError(errno.EPERM, "S3 objects cannot be truncated; only a file being "
+                                           "written can be truncated, to 0")
+            await writer.upload.truncate()
+            inode.size = 0
+        if times and writer is None and not inode.is_dir:
+            # A directory's times are not stored anywhere (S3 has no directories): setting
+            # them succeeds and changes nothing, as tar x and rsync -a expect.
+            raise FsError(errno.EPERM, "times can be set only while a file is being written")
+        return inode
 
     # -- directories ---------------------------------------------------------------------
 
     async def opendir(self, ino: int) -> int:
-        inode = self._inode(ino)
-        if not inode.is_dir:
-            raise FsError(errno.ENOTDIR, "opendir of a file")
-        fh = next(self._next_fh)
-        self._handles[fh] = self._start_listing(inode)
-        return fh
-
-    def _start_listing(self, inode: Inode) -> DirHandle:
-        """A listing of ``inode``: from the cache while the last complete listing is within
-        the TTL (an ``ls`` right after an ``ls`` asks S3 nothing), else from S3."""
-        cached = self._listings.get(inode.ino)
-        if cached is not None and time.monotonic() < cached.valid_until:
-            handle = DirHandle(inode, None, listed=cached.entries)
-            handle.entries = [(e.name, self._remember(inode, e, cached.valid_until)) for e in cached.entries]
-            return handle
-        return DirHandle(inode, DirectoryListing(self.client, inode.key))
+        return self._new_handle(self.directories.open(self._inode(ino)))
 
     async def readdir(self, fh: int, start: int, emit: Callable[[str, Inode, int], bool]) -> None:
-        """Call ``emit(name, inode, next_offset)`` for entries from offset ``start`` on,
-        until it returns False (the kernel's buffer is full) or the directory ends.
-        Entries other than "." and ".." that ``emit`` accepts count a kernel reference."""
         handle = self._handle(fh, DirHandle)
-        if start == 0 and handle.entries:
-            # Rewound: list afresh (or from a fresh cache), as a local filesystem would
-            # show what changed.
-            handle = self._handles[fh] = self._start_listing(handle.inode)
-        dots = [(".", handle.inode), ("..", self.inodes.get(handle.inode.parent) or handle.inode)]
-        offset = start
-        while True:
-            if offset < 2:
-                name, inode = dots[offset]
-                if not emit(name, inode, offset + 1):
-                    return
-                offset += 1
-                continue
-            index = offset - 2
-            while index >= len(handle.entries) and handle.listing is not None:
-                await self._list_more(handle)
-            if index >= len(handle.entries):
-                return
-            name, inode = handle.entries[index]
-            if not emit(name, inode, offset + 1):
-                return
-            self.inodes.add_lookup(inode)
-            offset += 1
-
-    async def _list_more(self, handle: DirHandle) -> None:
-        assert handle.listing is not None
-        try:
-            batch = await handle.listing.next_batch()
-        except ObjectClientError as exc:
-            raise from_store(exc, during="readdir") from None
-        deadline = self._deadline()
-        for entry in batch:
-            handle.entries.append((entry.name, self._remember(handle.inode, entry, deadline)))
-        handle.listed.extend(batch)
-        if handle.listing.done:
-            handle.listing = None
-            self._cache_listing(handle.inode, handle.listed, deadline)
-
-    def _cache_listing(self, inode: Inode, entries: list[Entry], deadline: float) -> None:
-        if self.settings.metadata_ttl <= 0 or len(entries) > MAX_CACHED_ENTRIES:
-            return
-        self._listings.pop(inode.ino, None)
-        self._listings[inode.ino] = _CachedListing(entries, deadline)
-        self._cached_entries += len(entries)
-        while self._cached_entries > MAX_CACHED_ENTRIES:
-            oldest = next(iter(self._listings))  # dicts keep insertion order
-            self._cached_entries -= len(self._listings.pop(oldest).entries)
-
-    def _forget_listing(self, ino: int) -> None:
-        cached = self._listings.pop(ino, None)
-        if cached is not None:
-            self._cached_entries -= len(cached.entries)
-
-    def _remember(self, parent: Inode, entry: Entry, deadline: float) -> Inode:
-        if entry.info is None:
-            return self.inodes.upsert(parent, entry.name, Kind.DIR, valid_until=deadline)
-        info = entry.info
-        return self.inodes.upsert(parent, entry.name, Kind.FILE, size=info.size, mtime=info.mtime,
-                                  etag=info.etag, valid_until=deadline)
+        self._handles[fh] = await self.directories.readdir(handle, start, emit)
 
     def releasedir(self, fh: int) -> None:
         self._handles.pop(fh, None)
 
-    # -- files ---------------------------------------------------------------------------
+    async def mkdir(self, parent_ino: int, name: str) -> Inode:
+        self._writable()
+        parent = self._dir(parent_ino)
+        self._check_name(name)
+        await self._must_not_exist(parent, name)
+        inode = self.directories.mkdir(parent, name)
+        self.inodes.add_lookup(inode)
+        return inode
 
-    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
-        """A handle for reading; returns (fh, keep_cache): whether the kernel's cached pages
-        of this inode are still the object's bytes."""
+    async def rmdir(self, parent_ino: int, name: str) -> None:
+        self._writable()
+        parent = self._dir(parent_ino)
+        await self.directories.rmdir(parent, await self.lookup_existing(parent, name))
+
+    async def lookup_existing(self, parent: Inode, name: str) -> Inode:
+        """``name`` in ``parent`` as it exists now, without counting a kernel reference."""
+        inode = await self.lookup(parent.ino, name)
+        inode.lookups -= 1
+        return inode
+
+    async def _must_not_exist(self, parent: Inode, name: str) -> None:
+        try:
+            await self.lookup_existing(parent, name)
+        except FsError as exc:
+            if exc.errno == errno.ENOENT:
+                return
+            raise
+        raise FsError(errno.EEXIST, "exists")
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def open(self, ino: int, flags: int, pid: int = 0) -> tuple[int, bool]:
+        """A handle; returns (fh, keep_cache): whether the kernel's cached pages of this
+        inode are still the object's bytes."""
         inode = self._inode(ino)
         if inode.is_dir:
             raise FsError(errno.EISDIR, "open of a directory")
-        if flags & WRITE_FLAGS:
-            raise FsError(errno.EROFS, "writes are not supported yet: the mount is read-only")
+        if _wants_write(flags):
+            return self._open_for_writing(inode, flags, pid), False
+        if inode.writer is not None:
+            raise FsError(errno.EPERM, "the file is being written: it can be read once complete")
         if not inode.is_fresh():
             await self.getattr(ino)
-        assert inode.etag is not None
-        if self._nursery is None:
-            raise RuntimeError("Filesystem.start() was not called")
+        assert inode.etag is not None and self._nursery is not None
         keep_cache = inode.open_etag == inode.etag
         inode.open_etag = inode.etag
         reader = Prefetcher(self.client, inode.key, inode.etag, inode.size, config=self._prefetch,
                             budget=self.budget, nursery=self._nursery)
-        fh = next(self._next_fh)
-        self._handles[fh] = FileHandle(inode, reader)
-        return fh, keep_cache
+        inode.readers += 1
+        return self._new_handle(ReadHandle(inode, reader)), keep_cache
 
     async def read(self, fh: int, offset: int, length: int) -> bytes | memoryview:
-        handle = self._handle(fh, FileHandle)
+        handle = self._handles.get(fh)
+        if isinstance(handle, WriteHandle):
+            raise FsError(errno.EPERM, "a file being written cannot be read until it is complete")
+        handle = self._handle(fh, ReadHandle)
         try:
             return await handle.reader.read(offset, length)
         except FsError as exc:
@@ -318,16 +312,139 @@ class Filesystem:
                 handle.inode.valid_until = 0.0
             raise
 
-    def release(self, fh: int) -> None:
-        handle = self._handles.pop(fh, None)
-        if isinstance(handle, FileHandle):
-            handle.reader.close()
+    # -- writing -------------------------------------------------------------------------
 
-    def _handle(self, fh: int, kind: type[_H]) -> _H:
+    async def create(self, parent_ino: int, name: str, flags: int, pid: int = 0) -> tuple[Inode, int]:
+        """A new file, written front to back and uploaded when its opener closes it."""
+        self._writable()
+        parent = self._dir(parent_ino)
+        self._check_name(name)
+        self._check_write_flags(flags)
+        inode = self.inodes.add_local(parent, name, Kind.FILE, mtime=time.time())
+        fh = self._start_upload(inode, pid)
+        self.inodes.add_lookup(inode)
+        return inode, fh
+
+    def _open_for_writing(self, inode: Inode, flags: int, pid: int) -> int:
+        self._writable()
+        self._check_write_flags(flags)
+        if inode.writer is not None:
+            raise FsError(errno.EPERM, "the file is already being written")
+        if inode.readers:
+            raise FsError(errno.EPERM, "the file is open for reading")
+        if not (self.settings.allow_overwrite and flags & os.O_TRUNC):
+            raise FsError(errno.EPERM, "existing objects are replaced only with --allow-overwrite "
+                                       "and O_TRUNC")
+        inode.size = 0
+        return self._start_upload(inode, pid)
+
+    @staticmethod
+    def _check_write_flags(flags: int) -> None:
+        if flags & os.O_DSYNC:  # O_SYNC includes O_DSYNC
+            raise FsError(errno.EINVAL, "O_SYNC/O_DSYNC: S3 cannot persist each write; use fsync")
+
+    def _start_upload(self, inode: Inode, pid: int) -> int:
+        assert self._nursery is not None
+        upload = Upload(self.client, inode.key, part_size=self.settings.write_part_size,
+                        parts_in_flight=self.settings.parts_in_flight, nursery=self._nursery)
+        handle = WriteHandle(inode, upload, pid)
+        inode.writer = handle
+        inode.mtime = upload.started
+        return self._new_handle(handle)
+
+    def write_handle(self, fh: int) -> WriteHandle | None:
         handle = self._handles.get(fh)
-        if not isinstance(handle, kind):
-            raise FsError(errno.EBADF, f"no such handle {fh}")
-        return handle
+        return handle if isinstance(handle, WriteHandle) else None
+
+    async def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
+        handle = self._handle(fh, WriteHandle)
+        if handle.committed:
+            raise FsError(errno.EPERM, "write after fsync: the object is complete")
+        written = await handle.upload.write(offset, data)
+        handle.inode.size = handle.upload.size
+        return written
+
+    async def flush(self, fh: int, *, opener_done: bool) -> None:
+        """A descriptor was closed. Only when the process that opened the file has closed
+        its last descriptor of it (``opener_done``) is the upload completed here, so that
+        close() reports its outcome; other flushes (a dup, a forked child) change nothing."""
+        handle = self._handles.get(fh)
+        if isinstance(handle, WriteHandle) and opener_done:
+            await self._commit(handle)
+
+    async def fsync(self, fh: int) -> None:
+        handle = self._handles.get(fh)
+        if isinstance(handle, WriteHandle):
+            await self._commit(handle)
+
+    async def _commit(self, handle: WriteHandle) -> None:
+        handle.committed = True
+        inode = handle.inode
+        try:
+            info = await handle.upload.complete()
+        except FsError:
+            self._drop_failed(handle)
+            raise
+        if inode.writer is handle:
+            inode.writer = None
+            inode.size, inode.etag, inode.mtime = info.size, info.etag, info.mtime
+            inode.valid_until = self._deadline()
+            # Cached listings of the directories above no longer show what exists: the
+            # file, and local directories that are now key prefixes.
+            self.directories.forget(inode.parent)
+            for settled in self.inodes.settle(inode):
+                self.directories.forget(settled.parent)
+
+    def _drop_failed(self, handle: WriteHandle) -> None:
+        """A failed new file never existed in S3: it disappears. A failed overwrite leaves
+        the object as it was; its metadata is asked of S3 again."""
+        inode = handle.inode
+        if inode.writer is handle:
+            inode.writer = None
+            inode.valid_until = 0.0
+            if inode.local:
+                self.inodes.remove_child(inode.parent, inode.name)
+
+    async def release(self, fh: int) -> None:
+        """The last descriptor of a handle is gone: a write not completed yet completes
+        now (errors can only be logged: nobody is left to tell)."""
+        handle = self._handles.pop(fh, None)
+        if isinstance(handle, ReadHandle):
+            handle.reader.close()
+            handle.inode.readers -= 1
+        elif isinstance(handle, WriteHandle) and not handle.upload.done:
+            try:
+                await self._commit(handle)
+            except FsError as exc:
+                log.error("upload failed after the last close", op="release", key=handle.inode.key,
+                          errno=exc.errno, reason=exc.reason)
+
+    # -- removing and renaming ----------------------------------------------------------
+
+    async def unlink(self, parent_ino: int, name: str) -> None:
+        self._writable()
+        parent = self._dir(parent_ino)
+        inode = await self.lookup_existing(parent, name)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR, "unlink of a directory")
+        if inode.writer is not None:
+            raise FsError(errno.EPERM, "the file is being written")
+        if not self.settings.allow_delete:
+            raise FsError(errno.EPERM, "deleting objects needs --allow-delete")
+        try:
+            await self.client.delete_object(inode.key)
+        except ObjectClientError as exc:
+            raise from_store(exc, during="unlink") from None
+        self.inodes.remove_child(parent.ino, name)
+        self.directories.forget(parent.ino)
+
+    async def rename(self, parent_ino: int, name: str) -> None:
+        """Always refused: S3 has no rename, and copying would not be atomic."""
+        self._writable()
+        inode = await self.lookup_existing(self._dir(parent_ino), name)
+        if inode.is_dir:
+            raise FsError(errno.EPERM, "directories cannot be renamed")
+        raise FsError(errno.ENOSYS, "S3 has no rename")
 
     # -- the mount -----------------------------------------------------------------------
 
@@ -340,7 +457,7 @@ class Filesystem:
                 "name_max": 255}
 
     async def aclose(self) -> None:
+        """The mount is ending: complete what is being written, drop everything else."""
         for fh in list(self._handles):
-            self.release(fh)
+            await self.release(fh)
         await self.client.aclose()
-

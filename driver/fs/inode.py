@@ -33,10 +33,21 @@ class Inode:
     valid_until: float = 0.0  # time.monotonic() until which the attributes are trusted
     lookups: int = 0  # references the kernel holds (lookup, create, readdirplus)
     open_etag: str | None = None  # ETag when last opened: lets the kernel keep page cache
+    # Exists only in this mount so far: a directory made by mkdir, or a file being
+    # created. S3 knows nothing of it; listings and lookups must not make it disappear.
+    local: bool = False
+    writer: object | None = None  # the handle writing this file, if any
+    readers: int = 0  # open read handles
+    pins: int = 0  # local entries below this directory: it exists while they do
 
     @property
     def is_dir(self) -> bool:
         return self.kind is Kind.DIR
+
+    @property
+    def held(self) -> bool:
+        """This mount's own doing keeps it in place, whatever S3 shows."""
+        return self.local or self.pins > 0 or self.writer is not None
 
     def is_fresh(self, now: float | None = None) -> bool:
         return (time.monotonic() if now is None else now) < self.valid_until
@@ -50,6 +61,7 @@ class InodeTable:
                      valid_until=float("inf"))
         self._by_ino: dict[int, Inode] = {ROOT_INODE: root}
         self._children: dict[tuple[int, str], int] = {}
+        self._held: dict[int, set[str]] = {}  # parent -> names of children that are held
         self._next_ino = ROOT_INODE + 1
         self.mount_time = mount_time
 
@@ -77,6 +89,10 @@ class InodeTable:
         """The inode for ``name`` in ``parent`` as S3 now shows it, reusing the current one
         when the kind is unchanged."""
         current = self.child(parent.ino, name)
+        if current is not None and current.writer is not None:
+            return current  # being written here: this mount's view wins until it is uploaded
+        if current is not None and current.held and current.is_dir and kind is Kind.FILE:
+            return current  # a directory this mount needs wins over an object of the same name
         if current is None or current.kind is not kind:
             if current is not None:
                 self._unlink(current)
@@ -94,6 +110,64 @@ class InodeTable:
         current.valid_until = valid_until
         return current
 
+    def add_local(self, parent: Inode, name: str, kind: Kind, *, mtime: float) -> Inode:
+        """A new entry that exists only in this mount (mkdir, create)."""
+        current = self.child(parent.ino, name)
+        if current is not None:
+            self._unlink(current)
+        key = parent.key + name + ("/" if kind is Kind.DIR else "")
+        inode = Inode(self._next_ino, parent.ino, name, kind, key, mtime=mtime, local=True,
+                      valid_until=float("inf"))
+        self._next_ino += 1
+        self._by_ino[inode.ino] = inode
+        self._children[(parent.ino, name)] = inode.ino
+        self._pin_ancestors(inode, +1)
+        self._update_held(inode)
+        return inode
+
+    def settle(self, inode: Inode) -> list[Inode]:
+        """``inode`` now exists in S3 (its upload completed); so do the local directories
+        above it. Returns the inodes that changed."""
+        settled = []
+        while inode.local:
+            settled.append(inode)
+            inode.local = False
+            self._pin_ancestors(inode, -1)
+            self._update_held(inode)
+            parent = self._by_ino.get(inode.parent)
+            if parent is None or parent.ino == inode.ino:
+                break
+            inode = parent
+        return settled
+
+    def held_children(self, parent: int) -> list[Inode]:
+        """Children this mount holds in place: local entries and directories above them."""
+        found = []
+        for name in sorted(self._held.get(parent, ())):
+            child = self.child(parent, name)
+            if child is not None:
+                found.append(child)
+        return found
+
+    def _pin_ancestors(self, inode: Inode, delta: int) -> None:
+        ino = inode.parent
+        while ino != ROOT_INODE:
+            ancestor = self._by_ino.get(ino)
+            if ancestor is None:
+                break
+            ancestor.pins += delta
+            self._update_held(ancestor)
+            ino = ancestor.parent
+
+    def _update_held(self, inode: Inode) -> None:
+        names = self._held.setdefault(inode.parent, set())
+        if inode.local or inode.pins > 0:
+            names.add(inode.name)
+        else:
+            names.discard(inode.name)
+            if not names:
+                del self._held[inode.parent]
+
     def remove_child(self, parent: int, name: str) -> None:
         """S3 says ``name`` no longer exists: forget the name, keep the inode while referenced."""
         current = self.child(parent, name)
@@ -102,6 +176,10 @@ class InodeTable:
 
     def _unlink(self, inode: Inode) -> None:
         self._children.pop((inode.parent, inode.name), None)
+        if inode.local:
+            inode.local = False
+            self._pin_ancestors(inode, -1)
+            self._update_held(inode)
         inode.valid_until = 0.0
         if inode.lookups == 0:
             self._by_ino.pop(inode.ino, None)

@@ -2,9 +2,9 @@
 
 Every handler goes through ``_errors``, the one place where filesystem errors become
 ``FUSEError`` and anything unexpected becomes EIO instead of stopping the FUSE loop.
-Operations this class does not define (xattrs, fallocate, locks...) keep pyfuse3's
-ENOSYS: for xattrs the kernel then answers EOPNOTSUPP itself and stops asking, so
-``ls -l`` costs no xattr round trips.
+Operations this class does not define (xattrs, fallocate, locks) keep pyfuse3's ENOSYS:
+for xattrs and fallocate the kernel then answers EOPNOTSUPP itself and stops asking (so
+``ls -l`` costs no xattr round trips), and locks stay local to this node's kernel.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import structlog
 from driver.fs.core import Filesystem
 from driver.fs.errors import FsError
 from driver.fs.inode import Inode
+from driver.fuse.openers import holds_open
+from driver.mountpoint import mount_device
 
 log = structlog.get_logger("pail.fuse")
 
@@ -29,7 +31,8 @@ log = structlog.get_logger("pail.fuse")
 KERNEL_TTL_MAX = 10 * 365 * 24 * 3600.0
 _NS = 1_000_000_000
 # Expected answers, not failures worth a warning.
-_QUIET_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENAMETOOLONG}
+_QUIET_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENAMETOOLONG, errno.EEXIST,
+                 errno.ENOTEMPTY, errno.EPERM, errno.EINVAL, errno.ENOSYS}
 
 
 @contextlib.contextmanager
@@ -51,10 +54,11 @@ def _errors(op: str, **fields: object) -> Iterator[None]:
 class Operations(pyfuse3.Operations):
     """Each method: log at debug, call the core, convert the result."""
 
-    def __init__(self, fs: Filesystem, *, read_only: bool = True) -> None:
+    def __init__(self, fs: Filesystem, mountpoint: str) -> None:
         super().__init__()
         self.fs = fs
-        self.read_only = read_only
+        self.mountpoint = mountpoint
+        self._device_id: str | None = None
         ttl = fs.settings.metadata_ttl
         self._ttl = KERNEL_TTL_MAX if math.isinf(ttl) else ttl
         fs.on_attributes_changed = self._invalidate_attributes
@@ -152,9 +156,9 @@ class Operations(pyfuse3.Operations):
     # -- files ---------------------------------------------------------------------------
 
     async def open(self, inode, flags, ctx):
-        log.debug("open", op="open", inode=inode, flags=flags)
+        log.debug("open", op="open", inode=inode, flags=flags, pid=ctx.pid)
         with _errors("open", inode=inode):
-            fh, keep_cache = await self.fs.open(inode, flags)
+            fh, keep_cache = await self.fs.open(inode, flags, ctx.pid)
             return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     async def read(self, fh, off, size):
@@ -162,44 +166,90 @@ class Operations(pyfuse3.Operations):
         with _errors("read", fh=fh, offset=off, size=size):
             return await self.fs.read(fh, off, size)
 
-    async def release(self, fh):
-        log.debug("release", op="release", fh=fh)
-        self.fs.release(fh)
-
-    # -- refused while writes are not implemented ----------------------------------------
-    # The mount is read-only ("ro"), so the kernel answers EROFS before these are called;
-    # they answer the same should a request arrive anyway.
-
-    async def _read_only(self, op: str):
-        with _errors(op):
-            raise FsError(errno.EROFS, "the mount is read-only")
-
-    async def setattr(self, inode, attr, fields, fh, ctx):
-        await self._read_only("setattr")
-
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        await self._read_only("mknod")
-
-    async def mkdir(self, parent_inode, name, mode, ctx):
-        await self._read_only("mkdir")
-
-    async def unlink(self, parent_inode, name, ctx):
-        await self._read_only("unlink")
-
-    async def rmdir(self, parent_inode, name, ctx):
-        await self._read_only("rmdir")
-
-    async def symlink(self, parent_inode, name, target, ctx):
-        await self._read_only("symlink")
-
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        await self._read_only("rename")
-
-    async def link(self, inode, new_parent_inode, new_name, ctx):
-        await self._read_only("link")
-
     async def create(self, parent_inode, name, mode, flags, ctx):
-        await self._read_only("create")
+        text = os.fsdecode(name)
+        log.debug("create", op="create", parent=parent_inode, name=text, flags=flags, pid=ctx.pid)
+        with _errors("create", parent=parent_inode, name=text):
+            inode, fh = await self.fs.create(parent_inode, text, flags, ctx.pid)
+            return pyfuse3.FileInfo(fh=fh), self._attributes(inode)
 
     async def write(self, fh, off, buf):
-        await self._read_only("write")
+        log.debug("write", op="write", fh=fh, offset=off, size=len(buf))
+        with _errors("write", fh=fh, offset=off, size=len(buf)):
+            return await self.fs.write(fh, off, buf)
+
+    async def flush(self, fh):
+        log.debug("flush", op="flush", fh=fh)
+        with _errors("flush", fh=fh):
+            handle = self.fs.write_handle(fh)
+            if handle is not None:
+                held = holds_open(handle.opener_pid, handle.inode.ino, self._device())
+                # Unknown (pid outside this namespace): the release completes the upload.
+                await self.fs.flush(fh, opener_done=held is False)
+
+    async def fsync(self, fh, datasync):
+        log.debug("fsync", op="fsync", fh=fh)
+        with _errors("fsync", fh=fh):
+            await self.fs.fsync(fh)
+
+    async def release(self, fh):
+        log.debug("release", op="release", fh=fh)
+        with _errors("release", fh=fh):
+            await self.fs.release(fh)
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        log.debug("setattr", op="setattr", inode=inode)
+        with _errors("setattr", inode=inode):
+            updated = await self.fs.setattr(
+                inode,
+                size=attr.st_size if fields.update_size else None,
+                mode=attr.st_mode if fields.update_mode else None,
+                uid=attr.st_uid if fields.update_uid else None,
+                gid=attr.st_gid if fields.update_gid else None,
+                times=fields.update_atime or fields.update_mtime,
+            )
+            return self._attributes(updated)
+
+    # -- directories and names -------------------------------------------------------------
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        text = os.fsdecode(name)
+        log.debug("mkdir", op="mkdir", parent=parent_inode, name=text)
+        with _errors("mkdir", parent=parent_inode, name=text):
+            return self._attributes(await self.fs.mkdir(parent_inode, text))
+
+    async def rmdir(self, parent_inode, name, ctx):
+        text = os.fsdecode(name)
+        log.debug("rmdir", op="rmdir", parent=parent_inode, name=text)
+        with _errors("rmdir", parent=parent_inode, name=text):
+            await self.fs.rmdir(parent_inode, text)
+
+    async def unlink(self, parent_inode, name, ctx):
+        text = os.fsdecode(name)
+        log.debug("unlink", op="unlink", parent=parent_inode, name=text)
+        with _errors("unlink", parent=parent_inode, name=text):
+            await self.fs.unlink(parent_inode, text)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        text = os.fsdecode(name_old)
+        log.debug("rename", op="rename", parent=parent_inode_old, name=text)
+        with _errors("rename", parent=parent_inode_old, name=text):
+            await self.fs.rename(parent_inode_old, text)
+
+    async def _refuse(self, op: str, reason: str):
+        with _errors(op):
+            raise FsError(errno.EPERM if not self.fs.settings.read_only else errno.EROFS, reason)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        await self._refuse("link", "S3 has no links")
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        await self._refuse("symlink", "S3 has no links")
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        await self._refuse("mknod", "only regular files and directories exist in S3")
+
+    def _device(self) -> str:
+        if self._device_id is None:
+            self._device_id = mount_device(self.mountpoint) or ""
+        return self._device_id

@@ -38,9 +38,8 @@ def fuse_options(config: MountConfig) -> set[str]:
         "default_permissions",
         "noatime",
     }
-    # Writes are not implemented yet, so every mount is read-only: the kernel then refuses
-    # every mutating call with EROFS before it reaches us.
-    options.add("ro")
+    if config.fs.read_only:
+        options.add("ro")  # the kernel then refuses every change with EROFS itself
     if config.allow_other:
         options.add("allow_other")
     if config.allow_root:
@@ -63,7 +62,7 @@ def tune_read_ahead(mountpoint: str) -> None:
 async def serve(config: MountConfig, client: ObjectClient, on_ready: Callable[[], None]) -> None:
     """Mount, call ``on_ready`` once the mount answers, serve until unmounted or a signal."""
     fs = Filesystem(client, config.fs)
-    operations = Operations(fs, read_only=True)
+    operations = Operations(fs, config.mountpoint)
     pyfuse3.init(operations, config.mountpoint, fuse_options(config))
     unmounted = False
     try:

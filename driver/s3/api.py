@@ -29,6 +29,20 @@ class ListPage:
     next_token: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class UploadedPart:
+    """One part of a multipart upload, as CompleteMultipartUpload needs it."""
+
+    number: int
+    etag: str
+    checksum: str | None = None  # base64 CRC32C when upload checksums are on
+
+
+# S3's limits on multipart uploads.
+MAX_PARTS = 10_000
+MIN_PART_SIZE = 5 * 1024 * 1024  # every part but the last
+
+
 class ObjectClientError(Exception):
     """An S3 request failed after the client's own retries.
 
@@ -101,6 +115,25 @@ class ObjectClient(Protocol):
         Raise PreconditionFailed when the object changed, NoSuchKey when it is gone.
         May return fewer bytes only at the end of the object.
         """
+
+    async def put_object(self, key: str, data: bytes | memoryview) -> ObjectInfo:
+        """Create or replace ``key`` with ``data`` in one request."""
+
+    async def create_multipart_upload(self, key: str) -> str:
+        """Start a multipart upload of ``key``; returns its upload id."""
+
+    async def upload_part(self, key: str, upload_id: str, number: int, data: bytes | memoryview) -> UploadedPart:
+        """Upload part ``number`` (1-based) of an upload."""
+
+    async def complete_multipart_upload(self, key: str, upload_id: str, parts: list[UploadedPart],
+                                        size: int) -> ObjectInfo:
+        """Make the object from ``parts``; ``size`` is their total, for the result."""
+
+    async def abort_multipart_upload(self, key: str, upload_id: str) -> None:
+        """Discard an upload and its parts."""
+
+    async def delete_object(self, key: str) -> None:
+        """Delete ``key`` (no error when it does not exist)."""
 
     async def aclose(self) -> None:
         """Release connections and threads."""

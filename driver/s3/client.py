@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
-from typing import Any, TypeVar
+import time
+from urllib.parse import parse_qsl, quote
+from typing import Any
 
 import boto3
 import botocore.config
@@ -22,11 +23,10 @@ import trio
 from botocore import UNSIGNED
 
 from driver.config import S3Settings
-from driver.s3 import api
+from driver.s3 import api, options
 from driver.s3.crt import CrtDataPath
 
 log = structlog.get_logger("pail.s3")
-_T = TypeVar("_T")
 
 DEFAULT_REGION = "us-east-1"
 # Request sizes above this would be split by awscrt into parts; the prefetcher keeps its
@@ -38,6 +38,10 @@ def _boto_config(settings: S3Settings, region: str) -> botocore.config.Config:
         s3={"addressing_style": "path" if settings.force_path_style else "auto"},
         retries={"mode": "standard", "max_attempts": settings.max_attempts},
         connect_timeout=min(settings.connect_timeout, settings.request_timeout),
+        # Checksums only where S3 requires them: with --upload-checksums Pail sends its
+        # own CRC32C; boto3 would otherwise add CRC32 to every upload by itself.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
         read_timeout=settings.request_timeout,
         max_pool_connections=32,
         user_agent_extra=settings.user_agent_extra,
@@ -95,7 +99,7 @@ def detect_region(settings: S3Settings, session: boto3.Session | None = None) ->
         return arn.group(1)
     client = make_boto_client(settings, fallback, session)
     try:
-        response = client.head_bucket(Bucket=settings.bucket)
+        response = client.head_bucket(Bucket=settings.bucket, **options.boto_params(settings, "HeadBucket"))
         headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
     except botocore.exceptions.ClientError as exc:
         headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
@@ -114,45 +118,47 @@ class S3ObjectClient:
         self._session = session or boto3.Session()
         self._boto = make_boto_client(settings, region, self._session)
         self._limiter = trio.CapacityLimiter(metadata_threads)
-        # PAIL_DATA_PATH=boto3 switches object reads to boto3 in threads: kept to compare
-        # the two data paths (bench/) and as a fallback should awscrt misbehave somewhere.
+        # Reads go through awscrt; PAIL_DATA_PATH=boto3 switches them to boto3 in threads,
+        # to compare the two (bench/) and as a fallback should awscrt misbehave somewhere.
+        # Uploads go through boto3: as fast here, and awscrt keeps each upload's body in
+        # its buffer pool besides ours, which doubled a writer's memory (ARCHITECTURE.md).
+        self._uploads = _BotoDataPath(self)
         self._data: CrtDataPath | _BotoDataPath
         if os.environ.get("PAIL_DATA_PATH", "crt") == "boto3":
-            self._data = _BotoDataPath(self._boto, settings.bucket)
+            self._data = self._uploads
         else:
             self._data = CrtDataPath(settings, region, self._session)
 
-    # -- metadata: boto3 in threads ------------------------------------------------------
+    # -- boto3, in threads -----------------------------------------------------------------
 
-    async def _call(self, operation: str, what: str, fn: Callable[[], _T]) -> _T:
-        def run() -> _T:
+    async def call(self, operation: str, what: str, **params: Any) -> dict:
+        """One boto3 call with the bucket and the mount's options (driver.s3.options)."""
+        method = getattr(self._boto, _snake(operation))
+        params = {"Bucket": self.settings.bucket, **params, **options.boto_params(self.settings, operation)}
+
+        def run() -> dict:
             try:
-                return fn()
-            except api.ObjectClientError:
-                raise
+                return method(**params)
             except Exception as exc:  # mapped here, in the thread, with the traceback intact
                 raise _error_from_boto(exc, operation, what) from None
         return await trio.to_thread.run_sync(run, limiter=self._limiter)
 
     async def head_bucket(self) -> None:
-        await self._call("HeadBucket", self.settings.bucket,
-                         lambda: _head_bucket(self._boto, self.settings.bucket))
+        await trio.to_thread.run_sync(_head_bucket, self._boto, self.settings, limiter=self._limiter)
 
     async def head_object(self, key: str) -> api.ObjectInfo:
-        response = await self._call(
-            "HeadObject", key, lambda: self._boto.head_object(Bucket=self.settings.bucket, Key=key))
+        response = await self.call("HeadObject", key, Key=key)
         return api.ObjectInfo(key=key, size=response["ContentLength"], etag=response["ETag"],
                               mtime=response["LastModified"].timestamp())
 
     async def list_objects(self, prefix: str, *, delimiter: str = "/",
                            continuation_token: str | None = None, max_keys: int = 1000) -> api.ListPage:
-        params: dict[str, Any] = {"Bucket": self.settings.bucket, "Prefix": prefix, "MaxKeys": max_keys}
+        params: dict[str, Any] = {"Prefix": prefix, "MaxKeys": max_keys}
         if delimiter:
             params["Delimiter"] = delimiter
         if continuation_token:
             params["ContinuationToken"] = continuation_token
-        response = await self._call("ListObjectsV2", prefix or "/",
-                                    lambda: self._boto.list_objects_v2(**params))
+        response = await self.call("ListObjectsV2", prefix or "/", **params)
         objects = [
             api.ObjectInfo(key=o["Key"], size=o["Size"], etag=o.get("ETag", ""),
                            mtime=o["LastModified"].timestamp())
@@ -162,10 +168,41 @@ class S3ObjectClient:
         token = response.get("NextContinuationToken") if response.get("IsTruncated") else None
         return api.ListPage(objects=objects, prefixes=prefixes, next_token=token)
 
-    # -- data: awscrt (driver.s3.crt) ------------------------------------------------------
+    async def create_multipart_upload(self, key: str) -> str:
+        return (await self.call("CreateMultipartUpload", key, Key=key))["UploadId"]
+
+    async def complete_multipart_upload(self, key: str, upload_id: str, parts: list[api.UploadedPart],
+                                        size: int) -> api.ObjectInfo:
+        listed = []
+        for part in parts:
+            entry = {"PartNumber": part.number, "ETag": part.etag}
+            if part.checksum:
+                entry["ChecksumCRC32C"] = part.checksum
+            listed.append(entry)
+        response = await self.call("CompleteMultipartUpload", key, Key=key, UploadId=upload_id,
+                                   MultipartUpload={"Parts": listed})
+        return api.ObjectInfo(key=key, size=size, etag=response.get("ETag", ""), mtime=time.time())
+
+    async def abort_multipart_upload(self, key: str, upload_id: str) -> None:
+        await self.call("AbortMultipartUpload", key, Key=key, UploadId=upload_id)
+
+    async def delete_object(self, key: str) -> None:
+        await self.call("DeleteObject", key, Key=key)
+
+    # -- object data: awscrt (driver.s3.crt), or boto3 ---------------------------------------
 
     async def get_range(self, key: str, start: int, length: int, *, etag: str) -> bytes:
         return await self._data.get_range(key, start, length, etag=etag)
+
+    async def put_object(self, key: str, data: bytes | memoryview) -> api.ObjectInfo:
+        etag = await self._uploads.put(key, data, operation="PutObject")
+        return api.ObjectInfo(key=key, size=len(data), etag=etag, mtime=time.time())
+
+    async def upload_part(self, key: str, upload_id: str, number: int,
+                          data: bytes | memoryview) -> api.UploadedPart:
+        query = f"?partNumber={number}&uploadId={quote(upload_id, safe='')}"
+        etag = await self._uploads.put(key, data, query=query, operation="UploadPart")
+        return api.UploadedPart(number, etag, options.checksum(self.settings, data))
 
     async def aclose(self) -> None:
         self._data.close()
@@ -173,30 +210,38 @@ class S3ObjectClient:
 
 
 class _BotoDataPath:
-    """Ranged GETs with boto3, one worker thread each."""
+    """Object data with boto3, one worker thread a request."""
 
-    def __init__(self, boto_client, bucket: str, threads: int = 16) -> None:
-        self._boto = boto_client
-        self._bucket = bucket
-        self._limiter = trio.CapacityLimiter(threads)
+    def __init__(self, client: S3ObjectClient) -> None:
+        self._client = client
 
     async def get_range(self, key: str, start: int, length: int, *, etag: str) -> bytes:
-        def get() -> bytes:
-            try:
-                response = self._boto.get_object(Bucket=self._bucket, Key=key, IfMatch=etag,
-                                                 Range=f"bytes={start}-{start + length - 1}")
-                return response["Body"].read()
-            except Exception as exc:
-                raise _error_from_boto(exc, "GetObject", key) from None
-        return await trio.to_thread.run_sync(get, limiter=self._limiter)
+        response = await self._client.call("GetObject", key, Key=key, IfMatch=etag,
+                                           Range=f"bytes={start}-{start + length - 1}")
+        return await trio.to_thread.run_sync(response["Body"].read)
+
+    async def put(self, key: str, data: bytes | memoryview, *, query: str = "", operation: str) -> str:
+        params: dict[str, Any] = {"Key": key, "Body": bytes(data)}
+        crc = options.checksum(self._client.settings, data)
+        if crc:
+            params["ChecksumCRC32C"] = crc
+        if operation == "UploadPart":
+            fields = dict(parse_qsl(query.lstrip("?")))
+            params.update(PartNumber=int(fields["partNumber"]), UploadId=fields["uploadId"])
+        return (await self._client.call(operation, key, **params)).get("ETag", "")
 
     def close(self) -> None:
         pass
 
 
-def _head_bucket(client, bucket: str) -> None:
+def _snake(operation: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", operation).lower()
+
+
+def _head_bucket(client, settings: S3Settings) -> None:
+    bucket = settings.bucket
     try:
-        client.head_bucket(Bucket=bucket)
+        client.head_bucket(Bucket=bucket, **options.boto_params(settings, "HeadBucket"))
     except botocore.exceptions.ClientError as exc:
         # HeadBucket has no body, so no error code: a 404 can only mean the bucket.
         if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
@@ -211,7 +256,7 @@ def check_bucket(settings: S3Settings, region: str, session: boto3.Session | Non
     """HeadBucket, synchronously, for checks before anything is mounted."""
     client = make_boto_client(settings, region, session)
     try:
-        _head_bucket(client, settings.bucket)
+        _head_bucket(client, settings)
     finally:
         client.close()
 

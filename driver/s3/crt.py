@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import io
 import os
 import re
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import boto3
 import trio
 
 from driver.config import S3Settings
-from driver.s3 import api
+from driver.s3 import api, options
 
 # requests at or below it, so one request of ours is one HTTP GET.
 CRT_PART_SIZE = 8 * 1024 * 1024
@@ -76,32 +77,47 @@ class CrtDataPath:
         self._deadline = settings.request_timeout
 
     async def get_range(self, key: str, start: int, length: int, *, etag: str) -> bytes:
-        headers = awscrt.http.HttpHeaders([
-            ("Host", self._host),
-            ("Range", f"bytes={start}-{start + length - 1}"),
-            ("If-Match", etag),
-        ])
-        request = awscrt.http.HttpRequest("GET", self._base_path + quote(key, safe="/~"), headers)
         parts: list[tuple[int, bytes]] = []
 
         def on_body(chunk: bytes, offset: int, **_: Any) -> None:
             parts.append((offset, chunk))  # on an awscrt thread; list.append is atomic
 
-        meta = self._client.make_request(type=awscrt.s3.S3RequestType.GET_OBJECT, request=request,
-                                         on_body=on_body, operation_name="GetObject")
-        with trio.move_on_after(self._deadline) as timeout:
-            try:
-                await _wait(meta.finished_future, meta.cancel)
-            except awscrt.exceptions.AwsCrtError as exc:
-                raise _error_from_crt(exc, key) from None
-        if timeout.cancelled_caught:
-            meta.cancel()
-            raise api.Unreachable(f"GetObject {key}: no answer within {self._deadline:.0f} s",
-                                  operation="GetObject")
+        await self._send("GET", key, "", [("Range", f"bytes={start}-{start + length - 1}"), ("If-Match", etag)],
+                         operation="GetObject", on_body=on_body)
         if len(parts) == 1:
             return parts[0][1]
         parts.sort(key=lambda p: p[0])
         return b"".join(chunk for _, chunk in parts)
+
+    async def _send(self, method: str, key: str, query: str, headers: list[tuple[str, str]], *,
+                    operation: str, on_body: Callable[..., None] | None = None,
+                    body: bytes | memoryview | None = None) -> dict[str, str]:
+        """One S3 request, retried by awscrt, bounded by the request timeout; returns the
+        response headers (lower-case names)."""
+        all_headers = [("Host", self._host), *headers, *options.headers(self._settings, operation)]
+        request = awscrt.http.HttpRequest(method, self._base_path + quote(key, safe="/~") + query,
+                                          awscrt.http.HttpHeaders(all_headers),
+                                          io.BytesIO(bytes(body)) if body is not None else None)
+        response: dict[str, str] = {}
+
+        def on_headers(status_code: int, headers: list[tuple[str, str]], **_: Any) -> None:
+            response.update((name.lower(), value) for name, value in headers)
+
+        # GetObject as a GET_OBJECT meta request: awscrt would split a range larger than
+        # its part size (ours never are) and validates checksums; others go as they are.
+        kind = awscrt.s3.S3RequestType.GET_OBJECT if operation == "GetObject" else awscrt.s3.S3RequestType.DEFAULT
+        meta = self._client.make_request(type=kind, request=request, on_headers=on_headers,
+                                         on_body=on_body, operation_name=operation)
+        with trio.move_on_after(self._deadline) as timeout:
+            try:
+                await _wait(meta.finished_future, meta.cancel)
+            except awscrt.exceptions.AwsCrtError as exc:
+                raise _error_from_crt(exc, key, operation) from None
+        if timeout.cancelled_caught:
+            meta.cancel()
+            raise api.Unreachable(f"{operation} {key}: no answer within {self._deadline:.0f} s",
+                                  operation=operation)
+        return response
 
     def close(self) -> None:
         self._client = None  # awscrt shuts its threads down when the last reference goes
@@ -146,25 +162,25 @@ def _credentials_from(session: boto3.Session) -> Callable[[], awscrt.auth.AwsCre
     return get
 
 
-def _error_from_crt(exc: awscrt.exceptions.AwsCrtError, key: str) -> api.ObjectClientError:
+def _error_from_crt(exc: awscrt.exceptions.AwsCrtError, key: str, operation: str) -> api.ObjectClientError:
     if isinstance(exc, awscrt.s3.S3ResponseError):
         status = exc.status_code
         match = re.search(rb"<Code>([^<]+)</Code>", exc.body or b"")
         code = match.group(1).decode() if match else None
-        message = f"GetObject {key}: {status} {code or ''}".rstrip()
+        message = f"{operation} {key}: {status} {code or ''}".rstrip()
         if status == 404:
             cls = api.NoSuchBucket if code == "NoSuchBucket" else api.NoSuchKey
-            return cls(message, operation="GetObject", status=status, code=code)
+            return cls(message, operation=operation, status=status, code=code)
         if status == 412:
-            return api.PreconditionFailed(message, operation="GetObject", status=status, code=code)
+            return api.PreconditionFailed(message, operation=operation, status=status, code=code)
         if status in (401, 403):
-            return api.AccessDenied(message, operation="GetObject", status=status, code=code)
-        return api.ObjectClientError(message, operation="GetObject", status=status, code=code)
+            return api.AccessDenied(message, operation=operation, status=status, code=code)
+        return api.ObjectClientError(message, operation=operation, status=status, code=code)
     status = _RETRIED_STATUS.get(exc.name)
     if status is not None:
-        return api.ObjectClientError(f"GetObject {key}: {status} after retries", operation="GetObject",
+        return api.ObjectClientError(f"{operation} {key}: {status} after retries", operation=operation,
                                      status=status, code=exc.name)
-    return api.Unreachable(f"GetObject {key}: {exc.name}", operation="GetObject", code=exc.name)
+    return api.Unreachable(f"{operation} {key}: {exc.name}", operation=operation, code=exc.name)
 
 
 # awscrt reports a retryable status that outlasted its retries by error name, not status.

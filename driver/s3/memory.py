@@ -13,7 +13,15 @@ from dataclasses import dataclass
 
 import trio
 
-from driver.s3.api import ListPage, NoSuchKey, ObjectInfo, PreconditionFailed
+from driver.s3.api import (
+    MIN_PART_SIZE,
+    ListPage,
+    NoSuchKey,
+    ObjectClientError,
+    ObjectInfo,
+    PreconditionFailed,
+    UploadedPart,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +35,13 @@ class Call:
 class MemoryClient:
     """Objects in a dict; keys kept sorted for listing."""
 
-    def __init__(self, *, latency: float = 0.0) -> None:
+    def __init__(self, *, latency: float = 0.0, min_part_size: int = MIN_PART_SIZE) -> None:
         self._data: dict[str, bytes] = {}
+        self.min_part_size = min_part_size
+        self.uploads: dict[str, tuple[str, dict[int, bytes]]] = {}  # upload id -> key, parts
+        self._next_upload = 0
+        # Operation name -> number of calls still to fail (with a 500), for error paths.
+        self.failures: dict[str, int] = {}
         self._info: dict[str, ObjectInfo] = {}
         self._keys: list[str] = []
         self._version = 0
@@ -68,6 +81,10 @@ class MemoryClient:
             await trio.sleep(self.latency)
         finally:
             self.in_flight -= 1
+        if self.failures.get(call.operation, 0) > 0:
+            self.failures[call.operation] -= 1
+            raise ObjectClientError(f"{call.operation} {call.key}: injected 500",
+                                    operation=call.operation, status=500, code="InternalError")
 
     async def head_bucket(self) -> None:
         await self._request(Call("HeadBucket", ""))
@@ -129,6 +146,45 @@ class MemoryClient:
         if info.etag != etag:
             raise PreconditionFailed(f"{key!r} changed", operation="GetObject", status=412)
         return self._data[key][start : start + length]
+
+    async def put_object(self, key: str, data: bytes | memoryview) -> ObjectInfo:
+        await self._request(Call("PutObject", key, 0, len(data)))
+        return self.put(key, bytes(data))
+
+    async def create_multipart_upload(self, key: str) -> str:
+        await self._request(Call("CreateMultipartUpload", key))
+        self._next_upload += 1
+        upload_id = f"upload-{self._next_upload}"
+        self.uploads[upload_id] = (key, {})
+        return upload_id
+
+    async def upload_part(self, key: str, upload_id: str, number: int, data: bytes | memoryview) -> UploadedPart:
+        await self._request(Call("UploadPart", key, number, len(data)))
+        if upload_id not in self.uploads:
+            raise NoSuchKey(f"no upload {upload_id}", operation="UploadPart", status=404, code="NoSuchUpload")
+        self.uploads[upload_id][1][number] = bytes(data)
+        return UploadedPart(number, '"%s"' % hashlib.md5(data).hexdigest())
+
+    async def complete_multipart_upload(self, key: str, upload_id: str, parts: list[UploadedPart],
+                                        size: int) -> ObjectInfo:
+        await self._request(Call("CompleteMultipartUpload", key))
+        _, stored = self.uploads.pop(upload_id)
+        numbers = [p.number for p in parts]
+        if numbers != sorted(numbers) or set(numbers) != set(stored):
+            raise ObjectClientError("parts out of order or missing", operation="CompleteMultipartUpload",
+                                    status=400, code="InvalidPartOrder")
+        if any(len(stored[n]) < self.min_part_size for n in numbers[:-1]):
+            raise ObjectClientError("part too small", operation="CompleteMultipartUpload",
+                                    status=400, code="EntityTooSmall")
+        return self.put(key, b"".join(stored[n] for n in numbers))
+
+    async def abort_multipart_upload(self, key: str, upload_id: str) -> None:
+        await self._request(Call("AbortMultipartUpload", key))
+        self.uploads.pop(upload_id, None)
+
+    async def delete_object(self, key: str) -> None:
+        await self._request(Call("DeleteObject", key))
+        self.delete(key)
 
     async def aclose(self) -> None:
         pass

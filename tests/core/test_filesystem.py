@@ -153,9 +153,9 @@ def test_open_read_release():
         blob = await fs.lookup(ROOT_INODE, "blob")
         fh, keep_cache = await fs.open(blob.ino, os.O_RDONLY)
         parts = [await fs.read(fh, off, 128 * 1024) for off in range(0, len(data), 128 * 1024)]
-        fs.release(fh)
+        await fs.release(fh)
         fh2, keep_cache_again = await fs.open(blob.ino, os.O_RDONLY)
-        fs.release(fh2)
+        await fs.release(fh2)
         return b"".join(parts), keep_cache, keep_cache_again, fs.budget.used
 
     read, first_keep, second_keep, used = run(client, body)
@@ -164,8 +164,9 @@ def test_open_read_release():
     assert used == 0
 
 
+@pytest.mark.parametrize("read_only,expected", [(True, errno.EROFS), (False, errno.EPERM)])
 @pytest.mark.parametrize("flags", [os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_WRONLY | os.O_APPEND])
-def test_open_for_writing_is_erofs(flags):
+def test_opening_an_existing_object_for_writing_is_refused(flags, read_only, expected):
     client = MemoryClient()
     client.put("f", b"1")
 
@@ -175,7 +176,7 @@ def test_open_for_writing_is_erofs(flags):
             await fs.open(f.ino, flags)
         return error.value.errno
 
-    assert run(client, body) == errno.EROFS
+    assert run(client, body, read_only=read_only) == expected
 
 
 def test_read_of_replaced_object_is_estale():
