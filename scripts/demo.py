@@ -68,8 +68,14 @@ def main() -> None:
             run("cat reports/2024/q1.csv reports/2024/q2.csv", cwd=mountpoint, env=env)
             run("stat -c '%n: %s bytes, %F, mode %A' reports/summary.md empty-folder", cwd=mountpoint, env=env)
 
-            say("Changes are refused until write support lands (docs/SEMANTICS.md)")
-            run("touch new-file.txt", cwd=mountpoint, env=env, check=False)
+            say("Writing: a new file becomes one object when it is closed")
+            run("printf 'region,revenue\\neu,1800\\nus,4100\\n' > reports/2024/q3.csv", cwd=mountpoint, env=env)
+            run("cat reports/2024/q3.csv", cwd=mountpoint, env=env)
+            print("  in S3:", [o["Key"] for o in s3.list_objects_v2(Bucket="demo-bucket", Prefix="reports/2024/")["Contents"]])
+
+            say("What S3 cannot do is refused with a clear error (docs/SEMANTICS.md)")
+            run("echo more >> README.txt", cwd=mountpoint, env=env, check=False)
+            run("mv README.txt README.md", cwd=mountpoint, env=env, check=False)
 
             say("Unmounting")
             run(f"pail unmount {shlex.quote(str(mountpoint))}", cwd=work, env=env)

@@ -163,6 +163,14 @@ def test_mounting_twice_on_one_directory_is_refused(s3_server, bucket, mountpoin
     (["--ca-bundle", "/nonexistent.pem"], "--ca-bundle"),
     (["--allow-other", "--allow-root"], "--allow-root"),
     (["--log-format", "xml"], "--log-format"),
+    (["--write-part-size", "6GiB"], "--write-part-size"),
+    (["--write-part-size", "big"], "--write-part-size"),
+    (["--storage-class", "COLD"], "--storage-class"),
+    (["--sse", "rot13"], "--sse"),
+    (["--sse-kms-key-id", "k"], "--sse-kms-key-id"),
+    (["--expected-bucket-owner", "alice"], "--expected-bucket-owner"),
+    (["--upload-checksums", "md5"], "--upload-checksums"),
+    (["--request-timeout", "0"], "--request-timeout"),
 ])
 def test_bad_options_name_the_option(s3_server, bucket, mountpoint, options, named):
     args = ["mount", bucket, str(mountpoint)] + (
