@@ -457,7 +457,15 @@ class Filesystem:
                 "name_max": 255}
 
     async def aclose(self) -> None:
-        """The mount is ending: complete what is being written, drop everything else."""
-        for fh in list(self._handles):
-            await self.release(fh)
+        """The mount is ending while files may still be open. A file still being written
+        was not closed by its writer: completing it would make a truncated object, so its
+        upload is aborted (and the writer's next call fails, ENOTCONN)."""
+        for fh, handle in list(self._handles.items()):
+            if isinstance(handle, WriteHandle) and not handle.upload.done:
+                log.warning("unmounted while being written: upload aborted", op="unmount",
+                            key=handle.inode.key, size=handle.upload.size)
+                await handle.upload.abort()
+                self._handles.pop(fh, None)
+            else:
+                await self.release(fh)
         await self.client.aclose()

@@ -183,3 +183,20 @@ def test_written_files_are_one_view_with_s3(s3, bucket, mount_bucket):
     assert (mount.path / "theirs.txt").read_bytes() == b"from another client"
     os.unlink(mount.path / "theirs.txt")
     assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+@pytest.mark.s3_servers("seaweedfs")
+def test_stopping_the_mount_mid_write_leaves_no_truncated_object(s3, bucket, mount_bucket):
+    import signal
+
+    mount = mount_bucket(bucket)
+    fd = os.open(mount.path / "unfinished.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, os.urandom(3 * PART))  # parts are in flight or uploaded
+    mount.process.send_signal(signal.SIGTERM)
+    assert mount.process.wait(timeout=60) == 0
+    try:
+        os.close(fd)
+    except OSError:
+        pass  # the mount is gone: ENOTCONN
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0, "no truncated object"
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == [], "the upload was aborted"
