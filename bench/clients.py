@@ -1,7 +1,8 @@
 """The raw S3 clients a benchmark compares Pail with, and the upload of the object.
 
 raw_awscrt and raw_boto3 read the whole object once, timed, with the same client
-settings as Pail's two data paths; upload puts an object of ``block`` repeated (a
+settings as Pail's two data paths (crt_client makes the awscrt client, also for the write
+benchmark); upload puts an object of ``block`` repeated (a
 RepeatingBlock, so a large object never sits in memory) under KEY.
 """
 
@@ -42,6 +43,11 @@ class RepeatingBlock:
             self._pos += take
         return bytes(out)
 
+    def readinto(self, buffer) -> int:  # awscrt reads a request body with this
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
     def seek(self, offset: int, whence: int = 0) -> int:
         base = {0: 0, 1: self._pos, 2: self._size}[whence]
         self._pos = max(0, base + offset)
@@ -76,9 +82,9 @@ def upload(server, bucket: str, block: bytes, size: int) -> dict:
 
 
 # ------------------------------------------------------------------ raw clients
-def raw_awscrt(server, bucket: str, size: int) -> dict:
+def crt_client(server):
+    """An awscrt S3Client with Pail's settings for this server (plain HTTP, SigV4)."""
     import awscrt.auth
-    import awscrt.http
     import awscrt.io
     import awscrt.s3
 
@@ -92,6 +98,14 @@ def raw_awscrt(server, bucket: str, size: int) -> dict:
         tls_mode=awscrt.s3.S3RequestTlsMode.DISABLED, part_size=PART_SIZE,
         memory_limit=1024 * MiB, throughput_target_gbps=10.0,  # as Pail
     )
+    return client
+
+
+def raw_awscrt(server, bucket: str, size: int) -> dict:
+    import awscrt.http
+    import awscrt.s3
+
+    client = crt_client(server)
     host = server.endpoint.split("://", 1)[1]
     request = awscrt.http.HttpRequest("GET", f"/{bucket}/{KEY}", awscrt.http.HttpHeaders([("Host", host)]))
     received = [0]

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from bench.clients import BOTO3_THREADS, PART_SIZE, raw_awscrt, raw_boto3, upload
 from bench.mounts import READ_SIZE, Mounts, mount_run, trace_pass
-from bench.system import MiB, machine_info, prepare_run
+from bench.system import MiB, attribute_cpu, machine_info, prepare_run
 
 BLOCK_SIZE = 64 * MiB  # the object is this random block repeated
 
@@ -46,20 +46,6 @@ VARIANTS = {
     "mount_awscrt": "Pail mount, awscrt data path (default)",
     "mount_boto3": "Pail mount, PAIL_DATA_PATH=boto3",
 }
-
-
-# ---------------------------------------------------------------------- rounds
-def _attribute(run: dict) -> None:
-    """CPU seconds the machine spent busy during the timed part that none of our processes
-    (client or mount, reader, server) account for: other processes, interrupts, softirq.
-    A large value means the run shared the machine with something else."""
-    machine = run.get("machine") or {}
-    if machine.get("busy") is None:
-        return
-    cpu = machine["cpu_s"]
-    busy = sum(v for k, v in cpu.items() if k not in ("idle", "iowait", "steal"))
-    ours = sum(run.get(k) or 0 for k in ("client_cpu_s", "mount_cpu_s", "reader_cpu_s", "server_cpu_s"))
-    machine["unattributed_cpu_s"] = round(busy - ours, 2)
 
 
 # --------------------------------------------------------------------- report
@@ -156,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                     if run["data_path_seen"] != data_path:
                         _say(f"warning: asked for data path {data_path}, but the mount's threads look "
                              f"like {run['data_path_seen']}")
-                _attribute(run)
+                attribute_cpu(run)
                 run["load_avg_1m"] = round(os.getloadavg()[0], 2)
                 runs[name].append(run)
                 _say(f"round {round_no}/{args.runs} {name:13s} {run['mb_s']:8.1f} MB/s  "

@@ -1,10 +1,11 @@
 """Machine and /proc helpers shared by the benchmarks.
 
 CPU seconds of a process or of its threads (by thread name), the machine's CPU ticks and
-how all cores spent a stretch of time, VmHWM/VmRSS and /proc/meminfo readers, finding
-the process serving a Pail mount and whether a directory is mounted, dropping the page
-cache and reading the server's files back into it before a timed run, and a description
-of the machine, the packages and the Pail commit measured. Also the units (MiB, MB) and
+how all cores spent a stretch of time (and how much of it none of ours account for),
+VmHWM/VmRSS and /proc/meminfo readers and resetting VmHWM, finding the process serving a
+Pail mount and whether a directory is mounted, dropping the page cache before a timed run
+(for reads, also reading the server's files back into it), and a description of the
+machine, the packages and the Pail commit measured. Also the units (MiB, MB) and
 the error (BenchError) every benchmark module uses.
 """
 
@@ -84,12 +85,35 @@ def machine_cpu(before: dict[str, int], after: dict[str, int]) -> dict:
     }
 
 
+def attribute_cpu(run: dict) -> None:
+    """Add to run["machine"] the CPU seconds the machine spent busy during the timed part
+    that none of our processes (client or mount, reader or writer, server) account for:
+    other processes, interrupts, softirq. A large value means the run shared the machine."""
+    machine = run.get("machine") or {}
+    if machine.get("busy") is None:
+        return
+    busy = sum(v for k, v in machine["cpu_s"].items() if k not in ("idle", "iowait", "steal"))
+    ours = sum(run.get(k) or 0 for k in ("client_cpu_s", "mount_cpu_s", "reader_cpu_s", "writer_cpu_s",
+                                         "server_cpu_s"))
+    machine["unattributed_cpu_s"] = round(busy - ours, 2)
+
+
 def status_kib(pid: int, field: str) -> int | None:
     status = _read(f"/proc/{pid}/status") or ""
     for line in status.splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return None
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Set a process's VmHWM back to its current RSS (root, or the process's owner)."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5\n")
+        return True
+    except OSError:
+        return False
 
 
 def mount_pid(directory: str) -> int | None:
@@ -135,6 +159,14 @@ def warm(directory: Path) -> float:
                     while n := f.readinto(buf):
                         total += n
     return total
+
+
+def settle() -> dict:
+    """Before a timed write: write back what earlier runs left dirty and drop the page cache,
+    so that no run pays for the writeback of the one before."""
+    t0 = time.perf_counter()
+    dropped = drop_caches()
+    return {"page_cache_dropped": dropped, "prepare_s": round(time.perf_counter() - t0, 2)}
 
 
 def prepare_run(server) -> dict:
