@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from driver import __version__
 from driver import log as logging_setup
+from driver import readiness
 from driver.config import (
     ConfigError,
     FsSettings,
@@ -42,11 +43,25 @@ READY_TIMEOUT = 60.0  # seconds a background mount may take to answer
 
 
 class CommandError(Exception):
-    """The command cannot go on; the message is the one line the user sees."""
+    """The command cannot go on; the message is the one line the user sees, the kind
+    (driver.readiness) what a program that started the mount is told."""
+
+    def __init__(self, message: str, kind: str = readiness.INTERNAL) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pail", description="Mount S3 buckets as file systems.")
+class _StrictParser(argparse.ArgumentParser):
+    """For options that come from a program (the CSI node server), not a terminal:
+    a mistake raises ConfigError instead of printing usage and exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError("mount options", message)
+
+
+def build_parser(strict: bool = False) -> argparse.ArgumentParser:
+    parser_class = _StrictParser if strict else argparse.ArgumentParser
+    parser = parser_class(prog="pail", description="Mount S3 buckets as file systems.")
     parser.add_argument("--version", action="version", version=f"pail {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -105,7 +120,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     unmount = commands.add_parser("unmount", help="unmount a directory mounted by pail mount")
     unmount.add_argument("directory", metavar="DIR")
+
+    csi = commands.add_parser("csi", help="serve the CSI driver (Kubernetes)")
+    roles = csi.add_subparsers(dest="role", required=True, metavar="ROLE")
+    for role, text in (("node", "the node server: mounts volumes for kubelet"),
+                       ("controller", "the controller server: creates and deletes volumes")):
+        serve = roles.add_parser(role, help=text)
+        serve.add_argument("--endpoint", required=True, help="unix:///path/to/csi.sock")
+        serve.add_argument("--log-format", choices=logging_setup.FORMATS, default="json",
+                           help="log lines as JSON or for a console (default json)")
+        serve.add_argument("--debug", action="store_true", help="log requests and every mount's operations")
+        if role == "node":
+            serve.add_argument("--node-id", required=True, help="this node's name (NodeGetInfo)")
+            serve.add_argument("--state-dir", default="/var/lib/pail",
+                               help="records of the mounts made, to find them after a restart")
+            serve.add_argument("--kubelet-dir", default="/var/lib/kubelet",
+                               help="kubelet's root directory: targets must be under it")
+            serve.add_argument("--enable-ephemeral", action="store_true",
+                               help="allow inline ephemeral volumes (with pod-level credentials only)")
+            serve.add_argument("--controller", action="store_true", help="serve the controller service too")
+            serve.add_argument("--no-supervisor", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def parse_mount_options(bucket: str, directory: str, options: Sequence[str]) -> MountConfig:
+    """The MountConfig ``pail mount BUCKET DIR OPTIONS`` would use; ConfigError if not."""
+    return config_from_args(build_parser(strict=True).parse_args(["mount", bucket, directory, *options]))
 
 
 def config_from_args(args: argparse.Namespace) -> MountConfig:
@@ -160,7 +200,7 @@ def _check_before_mount(config: MountConfig) -> str:
 
     problem = check_mount_directory(config.mountpoint)
     if problem:
-        raise CommandError(problem)
+        raise CommandError(problem, readiness.DIRECTORY)
     import boto3
 
     session = boto3.Session()  # one session: the client models load once
@@ -168,7 +208,7 @@ def _check_before_mount(config: MountConfig) -> str:
     try:
         check_bucket(config.s3, region, session)
     except api.ObjectClientError as exc:
-        raise CommandError(describe_bucket_error(exc, config.s3)) from None
+        raise CommandError(describe_bucket_error(exc, config.s3), readiness.kind_of(exc)) from None
     return region
 
 
@@ -205,15 +245,35 @@ def _mount_in_background(argv: Sequence[str], region: str) -> int:
                 break  # the mount process ended without a word
             message += chunk
     line = message.decode("utf-8", "replace").strip()
-    if line == "ready":
-        return 0
     if not line:
         if child.poll() is None:
             child.kill()
-            line = f"the mount did not answer within {READY_TIMEOUT:.0f} s"
-        else:
-            line = f"the mount process exited with status {child.wait()}"
-    raise CommandError(line.removeprefix("error: "))
+            raise CommandError(f"the mount did not answer within {READY_TIMEOUT:.0f} s")
+        raise CommandError(f"the mount process exited with status {child.wait()}")
+    error = readiness.parse(line)
+    if error is None:
+        return 0
+    raise CommandError(error[1], error[0])
+
+
+def csi(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from pathlib import Path
+
+    from driver.csi import server
+
+    logging_setup.configure(args.log_format, debug=args.debug)
+    try:
+        server.socket_path(args.endpoint)
+    except ValueError as exc:
+        raise ConfigError("--endpoint", str(exc)) from None
+    if args.role == "node" and not args.no_supervisor:
+        return server.supervise(server.server_command(list(argv)))
+    node = args.role == "node"
+    server.serve(args.endpoint, node_id=args.node_id if node else None,
+                 controller=not node or args.controller,
+                 state_dir=Path(args.state_dir) if node else Path("/nonexistent"),
+                 kubelet_dir=args.kubelet_dir if node else "", enable_ephemeral=node and args.enable_ephemeral)
+    return 0
 
 
 def unmount(args: argparse.Namespace) -> int:
@@ -236,12 +296,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "mount":
             return mount(args, argv)
+        if args.command == "csi":
+            return csi(args, argv)
         return unmount(args)
     except ConfigError as exc:
+        if getattr(args, "ready_fd", None) is not None:
+            _tell_parent(args.ready_fd, readiness.error_line(readiness.INVALID, str(exc)))
         parser.exit(EXIT_USAGE, f"pail {args.command}: error: {exc}\n")
     except CommandError as exc:
         if getattr(args, "ready_fd", None) is not None:
-            _tell_parent(args.ready_fd, f"error: {exc}")
+            _tell_parent(args.ready_fd, readiness.error_line(exc.kind, str(exc)))
         print(f"pail {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_FAILURE

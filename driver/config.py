@@ -95,7 +95,7 @@ def parse_size(text: str, option: str) -> int:
 
 def validate_bucket(bucket: str) -> str:
     """A bucket name, access-point alias (also a valid bucket name) or access-point ARN."""
-    if _ACCESS_POINT_ARN.match(bucket) or (_BUCKET_NAME.match(bucket) and ".." not in bucket):
+    if _ACCESS_POINT_ARN.fullmatch(bucket) or (_BUCKET_NAME.fullmatch(bucket) and ".." not in bucket):
         return bucket
     raise ConfigError("BUCKET", f"{bucket!r} is not a bucket name, access-point alias or ARN")
 

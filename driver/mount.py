@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import structlog
 import trio
 
+from driver import readiness
 from driver.config import MountConfig
 from driver.fuse.session import serve
 from driver.s3 import api
@@ -51,27 +52,30 @@ def run_mount(config: MountConfig, region: str, *, ready_fd: int | None = None) 
             await client.head_bucket()
         except api.ObjectClientError as exc:
             await client.aclose()
-            raise _StartError(describe_bucket_error(exc, config.s3)) from None
-        await serve(config, client, on_ready=lambda: parent.say("ready"))
+            raise _StartError(readiness.kind_of(exc), describe_bucket_error(exc, config.s3)) from None
+        await serve(config, client, on_ready=lambda: parent.say(readiness.READY))
 
     try:
         trio.run(main)
     except _StartError as exc:
-        log.error("mount failed", reason=str(exc))
-        parent.say(f"error: {exc}")
+        log.error("mount failed", reason=exc.message)
+        parent.say(readiness.error_line(exc.kind, exc.message))
         return 1
     except RuntimeError as exc:  # pyfuse3.init: the kernel refused the mount
         log.error("mount failed", reason=str(exc))
-        parent.say(f"error: mounting {config.mountpoint} failed: {exc}")
+        parent.say(readiness.error_line(readiness.MOUNT_FAILED, f"mounting {config.mountpoint} failed: {exc}"))
         return 1
     except BaseException as exc:
-        parent.say(f"error: {type(exc).__name__}: {exc}")
+        parent.say(readiness.error_line(readiness.INTERNAL, f"{type(exc).__name__}: {exc}"))
         raise
     return 0
 
 
 class _StartError(Exception):
-    pass
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
 
 
 def _without_userinfo(url: str | None) -> str | None:

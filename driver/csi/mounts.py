@@ -1,0 +1,247 @@
+"""The node's mounts: one mount process per published target, and a record of each.
+
+A mount process is ``python -m driver mount ... --foreground`` — the code of ``pail
+mount`` — started in its own session so that it outlives the gRPC server: a server that
+crashes and comes back (same state directory) finds its records, keeps the mounts that
+still answer and cleans up the dead ones. Records are JSON files under
+``<state>/mounts/``, one per target, written atomically.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+
+from driver import readiness
+from driver.csi.errors import MOUNT_ERROR_CODES, CsiError
+from driver.mountpoint import mounts as mount_table
+
+log = structlog.get_logger("pail.csi.mounts")
+
+READY_TIMEOUT = 60.0  # seconds a mount may take to answer
+STOP_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    """What to mount: the bucket and the ``pail mount`` options, already validated."""
+
+    volume_id: str
+    bucket: str
+    options: tuple[str, ...]
+
+    @property
+    def fingerprint(self) -> str:
+        """Equal for publishes a target may share (tokens and pod info are not part of it)."""
+        text = json.dumps([self.volume_id, self.bucket, list(self.options)])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class MountRecord:
+    volume_id: str
+    target: str
+    pid: int
+    fingerprint: str
+    started: float
+
+
+class MountManager:
+    def __init__(self, state_dir: Path, *, env: dict[str, str] | None = None) -> None:
+        self._dir = state_dir / "mounts"
+        self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._env = env
+        self._children: dict[int, subprocess.Popen] = {}
+
+    # -- records ---------------------------------------------------------------------------
+
+    def _record_path(self, target: str) -> Path:
+        return self._dir / (hashlib.sha256(target.encode()).hexdigest()[:32] + ".json")
+
+    def record(self, target: str) -> MountRecord | None:
+        try:
+            return MountRecord(**json.loads(self._record_path(target).read_text()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError):
+            log.warning("unreadable mount record dropped", target=target)
+            self._record_path(target).unlink(missing_ok=True)
+            return None
+
+    def records(self) -> list[MountRecord]:
+        found = []
+        for path in sorted(self._dir.glob("*.json")):
+            try:
+                found.append(MountRecord(**json.loads(path.read_text())))
+            except (ValueError, TypeError, OSError):
+                path.unlink(missing_ok=True)
+        return found
+
+    def _save(self, record: MountRecord) -> None:
+        path = self._record_path(record.target)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(asdict(record)))
+        os.replace(temporary, path)
+
+    # -- publish and unpublish -------------------------------------------------------------
+
+    def publish(self, spec: MountSpec, target: str) -> bool:
+        """Mount ``spec`` at ``target`` unless it is mounted there already. True when a
+        new mount was made. A live mount of something else: ALREADY_EXISTS; a dead one is
+        cleaned up and mounted again."""
+        self._reap()
+        record = self.record(target)
+        if record is not None:
+            if self.is_live(record):
+                if record.fingerprint != spec.fingerprint:
+                    raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
+                                   f"{target} is published with another volume, capability or attributes")
+                return False
+            log.warning("repairing a dead mount", target=target, volume_id=record.volume_id, pid=record.pid)
+            self._clean_up(record.target, record.pid)
+        elif _is_mount_point(target):
+            raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, f"{target} is already a mount point, not Pail's")
+        pid = self._start(spec, target)
+        self._save(MountRecord(spec.volume_id, target, pid, spec.fingerprint, time.time()))
+        return True
+
+    def unpublish(self, target: str) -> None:
+        """Unmount and forget ``target``; nothing there is not an error."""
+        self._reap()
+        record = self.record(target)
+        self._clean_up(target, record.pid if record else None)
+
+    def adopt(self) -> tuple[int, int]:
+        """After a restart: keep the mounts that still answer, clean up the rest.
+        Returns (kept, cleaned)."""
+        kept = cleaned = 0
+        for record in self.records():
+            if self.is_live(record):
+                kept += 1
+            else:
+                self._clean_up(record.target, record.pid)
+                cleaned += 1
+        return kept, cleaned
+
+    def is_live(self, record: MountRecord) -> bool:
+        """The mount is there, its process runs, and it answers (a dead FUSE mount
+        answers ENOTCONN)."""
+        if not _process_serves(record.pid, record.target) or not _is_mount_point(record.target):
+            return False
+        try:
+            os.stat(record.target)
+        except OSError:
+            return False
+        return True
+
+    # -- processes -------------------------------------------------------------------------
+
+    def _start(self, spec: MountSpec, target: str) -> int:
+        os.makedirs(target, mode=0o750, exist_ok=True)
+        read_end, write_end = os.pipe()
+        command = [sys.executable, "-m", "driver", "mount", spec.bucket, target, *spec.options,
+                   "--foreground", "--allow-other", "--log-format", "json", "--ready-fd", str(write_end)]
+        try:
+            child = subprocess.Popen(command, env=self._env, stdin=subprocess.DEVNULL, pass_fds=[write_end],
+                                     start_new_session=True, close_fds=True)
+        finally:
+            os.close(write_end)
+        self._children[child.pid] = child
+        try:
+            line = _read_line(read_end, READY_TIMEOUT)
+        finally:
+            os.close(read_end)
+        error = readiness.parse(line) if line else (readiness.INTERNAL, "the mount process did not answer")
+        if error is not None:
+            self._clean_up(target, child.pid)
+            kind, message = error
+            raise CsiError(MOUNT_ERROR_CODES[kind], message)
+        log.info("mounted", target=target, volume_id=spec.volume_id, pid=child.pid)
+        return child.pid
+
+    def _clean_up(self, target: str, pid: int | None) -> None:
+        """No mount, no process, no record, no directory left at ``target``."""
+        if _is_mount_point(target):
+            result = subprocess.run(["fusermount3", "-u", target], capture_output=True, text=True)
+            if result.returncode != 0:
+                # Busy or dead: detach it. kubelet unpublishes when the pod is gone, so
+                # whatever still holds it open is on its way out.
+                subprocess.run(["fusermount3", "-u", "-z", target], capture_output=True, text=True)
+        if pid is not None and _process_serves(pid, target):
+            self._stop(pid)
+        self._record_path(target).unlink(missing_ok=True)
+        try:
+            os.rmdir(target)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EBUSY):
+                raise
+
+    def _stop(self, pid: int) -> None:
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+            while time.monotonic() < deadline and _alive(pid):
+                self._reap()
+                time.sleep(0.05)
+            if not _alive(pid):
+                break
+            deadline = time.monotonic() + STOP_TIMEOUT
+        self._reap()
+
+    def _reap(self) -> None:
+        for pid, child in list(self._children.items()):
+            if child.poll() is not None:
+                del self._children[pid]
+
+
+def _is_mount_point(path: str) -> bool:
+    return any(point == path for point, _ in mount_table())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _process_serves(pid: int, target: str) -> bool:
+    """``pid`` is a running mount process for ``target`` (not a reused pid)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            args = cmdline.read().split(b"\0")
+    except OSError:
+        return False
+    return target.encode() in args and b"mount" in args and _alive(pid)
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode("utf-8", "replace").strip()

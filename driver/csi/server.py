@@ -1,0 +1,136 @@
+"""Wiring: the gRPC server on a unix socket with the services asked for, and the
+supervisor that keeps it running.
+
+``pail csi node`` runs as the node container's main process. It does not serve gRPC
+itself: it supervises a server process and restarts it when it dies, and it is the
+subreaper of the mount processes (PR_SET_CHILD_SUBREAPER), which live in their own
+sessions and so outlive a crashed server. A restarted server finds them through its
+state directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import structlog
+
+from csi import csi_pb2_grpc
+from driver.csi.identity import IdentityService, can_mount
+from driver.csi.interceptor import LoggingInterceptor
+from driver.csi.mounts import MountManager
+from driver.csi.node import NodeService
+
+log = structlog.get_logger("pail.csi")
+
+RESTART_BACKOFF_MAX = 30.0
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def socket_path(endpoint: str) -> str:
+    """unix:///path or unix:/path (the forms CSI sidecars use) to a filesystem path."""
+    if endpoint.startswith("unix://"):
+        path = endpoint[len("unix://"):]
+    elif endpoint.startswith("unix:"):
+        path = endpoint[len("unix:"):]
+    else:
+        raise ValueError(f"--endpoint must be unix:///path, not {endpoint!r}")
+    if not path.startswith("/"):
+        raise ValueError(f"--endpoint must name an absolute socket path, not {endpoint!r}")
+    return path
+
+
+def serve(endpoint: str, *, node_id: str | None, controller: bool, state_dir: Path, kubelet_dir: str,
+          enable_ephemeral: bool, workers: int = 16) -> None:
+    """Serve until SIGTERM or SIGINT. A node server first re-adopts the mounts it made."""
+    path = socket_path(endpoint)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[LoggingInterceptor()])
+    ready = can_mount if node_id else (lambda: True)
+    csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(ready), server)
+    if node_id:
+        mounts = MountManager(state_dir)
+        kept, cleaned = mounts.adopt()
+        log.info("mounts adopted", kept=kept, cleaned=cleaned)
+        node = NodeService(node_id, mounts, kubelet_dir=kubelet_dir, enable_ephemeral=enable_ephemeral)
+        csi_pb2_grpc.add_NodeServicer_to_server(node, server)
+    if controller:
+        from driver.csi.controller import ControllerService
+
+        csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(), server)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.exists(path):
+        os.unlink(path)  # a socket left by a previous run
+    server.add_insecure_port(f"unix://{path}")
+    server.start()
+    log.info("serving", endpoint=endpoint, node=bool(node_id), controller=controller)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("stopping")
+    server.stop(grace=5).wait()
+
+
+def supervise(command: list[str]) -> int:
+    """Run ``command`` (the server) and start it again whenever it dies, until SIGTERM or
+    SIGINT; meanwhile reap whatever orphaned process is handed to us."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except OSError:
+        log.warning("cannot become a subreaper: mount processes of a crashed server become zombies")
+    stopping = threading.Event()
+    child: subprocess.Popen | None = None
+
+    def stop(*_: object) -> None:
+        stopping.set()
+        if child is not None and child.poll() is None:
+            child.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    backoff = 0.5
+    while not stopping.is_set():
+        started = time.monotonic()
+        child = subprocess.Popen(command)
+        while child.poll() is None:
+            _reap_orphans(child.pid)
+            time.sleep(0.2)
+        if stopping.is_set():
+            break
+        # Fast crash loops back off; a server that ran for a while restarts at once.
+        backoff = 0.5 if time.monotonic() - started > 60 else min(backoff * 2, RESTART_BACKOFF_MAX)
+        log.error("server exited; restarting", status=child.returncode, delay=backoff)
+        stopping.wait(backoff)
+    _reap_orphans(None)
+    return 0
+
+
+def _reap_orphans(keep: int | None) -> None:
+    """Collect exited orphans (mount processes of a server that died), never ``keep``,
+    whose status its Popen must read itself."""
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == keep:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z" and int(fields[1]) == me:
+            try:
+                os.waitpid(int(entry), os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def server_command(argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "driver", *argv, "--no-supervisor"]
