@@ -1,8 +1,10 @@
 """The demo: a local S3 server, a bucket of sample files, `pail mount`, a look around,
-`pail unmount`. Everything stays on 127.0.0.1 and in a temporary directory."""
+`pail unmount`; then the same bucket published into a "pod" through the CSI node server,
+as kubelet does it. Everything stays on 127.0.0.1 and in a temporary directory."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -13,7 +15,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.s3server import start_seaweedfs  # noqa: E402  (after the path is set)
+from csi import csi_pb2  # noqa: E402  (after the path is set)
+from tests.support.kubelet import Kubelet, NodeServer  # noqa: E402
+from tests.support.s3server import start_seaweedfs  # noqa: E402
 
 PAIL = str(Path(sys.executable).parent / "pail")
 SAMPLES = {
@@ -80,12 +84,55 @@ def main() -> None:
             say("Unmounting")
             run(f"pail unmount {shlex.quote(str(mountpoint))}", cwd=work, env=env)
             run(f"ls -A {shlex.quote(str(mountpoint))}; echo '(empty again)'", cwd=work, env=env)
+
+            kubelet_demo(work, server)
         finally:
             if os.path.ismount(mountpoint):
                 subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
             say("Stopping the S3 server")
             server.stop()
     print("\nDone. Next: ./scripts/test runs the whole test suite.")
+
+
+def kubelet_demo(work: Path, server) -> None:
+    """Publish the bucket the way kubelet does for a pod's volume: NodePublishVolume over
+    the node server's unix socket, at kubelet's target path; then NodeUnpublishVolume."""
+    say("Starting the CSI node server (pail csi node), as the DaemonSet does on each node")
+    node = NodeServer(root=work / "node", env=server.env())
+    print(f"$ pail csi node --endpoint unix://{node.socket} --node-id demo-node "
+          f"--kubelet-dir {node.kubelet_dir} --state-dir {node.state_dir}")
+    node.start()
+    try:
+        kubelet = Kubelet(node)
+        pod = kubelet.new_pod("demo-app")
+        attributes = {"bucketName": "demo-bucket", "prefix": "reports/", "endpoint": server.endpoint,
+                      "region": server.region}
+        request = kubelet.publish_request(pod, "demo-pv", attributes, fs_group="2000")
+        say("kubelet: NodePublishVolume for pod demo-app's volume demo-pv (prefix reports/, fsGroup 2000)")
+        print(f"  volume_id: {request.volume_id}\n  target_path: {request.target_path}\n"
+              f"  volume_capability: mount, fsGroup {request.volume_capability.mount.volume_mount_group}, "
+              f"{csi_pb2.VolumeCapability.AccessMode.Mode.Name(request.volume_capability.access_mode.mode)}\n"
+              f"  volume_context: {json.dumps(dict(sorted(request.volume_context.items())), indent=4)}"
+              .replace("\n}", "\n  }"))
+        kubelet.stub.NodePublishVolume(request, timeout=90)
+        target = Path(request.target_path)
+        print("  -> OK: the mount answers at the target path")
+        env = {**os.environ}
+        run(f"mount | grep {shlex.quote(str(target))}", cwd=work, env=env)
+        say("What the pod sees at its volume path")
+        run("ls -ln . 2024", cwd=target, env=env)
+        run("cat summary.md", cwd=target, env=env)
+
+        say("kubelet: NodePublishVolume again (requiresRepublish): the same mount, nothing new")
+        kubelet.stub.NodePublishVolume(request, timeout=90)
+        run(f"grep -c {shlex.quote(str(target))} /proc/self/mountinfo", cwd=work, env=env)
+
+        say("kubelet: NodeUnpublishVolume when the pod is gone")
+        kubelet.unpublish(pod, "demo-pv")
+        print(f"  target path exists afterwards: {target.exists()}")
+    finally:
+        say("Stopping the node server")
+        node.stop()
 
 
 if __name__ == "__main__":
