@@ -78,6 +78,9 @@ def build_parser(strict: bool = False) -> argparse.ArgumentParser:
     where.add_argument("--no-sign-request", action="store_true",
                        help="send requests unsigned, for public buckets")
     where.add_argument("--ca-bundle", help="PEM file of CA certificates to trust for TLS")
+    where.add_argument("--credentials-file", metavar="FILE",
+                       help="take credentials from this JSON file (0600), re-read when it is replaced, "
+                            "instead of the standard AWS chain (see docs/CREDENTIALS.md)")
     where.add_argument("--request-timeout", default="30",
                        help="seconds an S3 request may go unanswered before it fails with EIO "
                             "(default 30)")
@@ -156,6 +159,10 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
             raise ConfigError("--endpoint-url", f"expected http(s)://host[:port], not {args.endpoint_url!r}")
     if args.ca_bundle and not os.path.isfile(args.ca_bundle):
         raise ConfigError("--ca-bundle", f"{args.ca_bundle}: no such file")
+    if args.credentials_file and not os.path.isfile(args.credentials_file):
+        raise ConfigError("--credentials-file", f"{args.credentials_file}: no such file")
+    if args.credentials_file and args.no_sign_request:
+        raise ConfigError("--credentials-file", "cannot be combined with --no-sign-request")
     if args.allow_other and args.allow_root:
         raise ConfigError("--allow-root", "cannot be combined with --allow-other (which includes root)")
     s3 = S3Settings(
@@ -165,6 +172,7 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         force_path_style=args.force_path_style,
         no_sign_request=args.no_sign_request,
         ca_bundle=args.ca_bundle or None,
+        credentials_file=args.credentials_file or None,
         request_timeout=parse_seconds(args.request_timeout, "--request-timeout"),
         requester_pays=args.requester_pays,
         expected_bucket_owner=args.expected_bucket_owner,
@@ -193,35 +201,39 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
     )
 
 
-def _check_before_mount(config: MountConfig) -> str:
-    """Everything that can be checked before mounting; returns the bucket's region."""
+def _check_before_mount(config: MountConfig):
+    """Everything that can be checked before mounting; returns the bucket's region and
+    the boto3 session that found it (with its credentials)."""
     from driver.s3 import api
     from driver.s3.client import check_bucket, describe_bucket_error, detect_region
 
     problem = check_mount_directory(config.mountpoint)
     if problem:
         raise CommandError(problem, readiness.DIRECTORY)
-    import boto3
+    from driver import credentials
 
-    session = boto3.Session()  # one session: the client models load once
+    try:
+        session = credentials.session(config.s3.credentials_file)  # one session: models load once
+    except credentials.CredentialError as exc:
+        raise CommandError(str(exc), readiness.kind_of_credentials(exc.kind)) from None
     region = detect_region(config.s3, session)
     try:
         check_bucket(config.s3, region, session)
     except api.ObjectClientError as exc:
         raise CommandError(describe_bucket_error(exc, config.s3), readiness.kind_of(exc)) from None
-    return region
+    return region, session
 
 
 def mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
     config = config_from_args(args)
-    region = _check_before_mount(config)
+    region, session = _check_before_mount(config)
     if not config.foreground:
         return _mount_in_background(argv, region)
     from driver.mount import run_mount
 
     logging_setup.configure(config.log_format, debug=config.debug, path=config.log_file,
                             syslog=args.ready_fd is not None)
-    return run_mount(config, region, ready_fd=args.ready_fd)
+    return run_mount(config, region, session, ready_fd=args.ready_fd)
 
 
 def _mount_in_background(argv: Sequence[str], region: str) -> int:

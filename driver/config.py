@@ -124,6 +124,8 @@ class S3Settings:
     force_path_style: bool = False
     no_sign_request: bool = False
     ca_bundle: str | None = None
+    # Credentials from this file (driver.credentials) instead of the standard chain.
+    credentials_file: str | None = None
     # Bounded retries: every S3 failure becomes an error within a bounded time.
     max_attempts: int = 5
     connect_timeout: float = 5.0

@@ -40,14 +40,14 @@ class _Parent:
             os.close(fd)
 
 
-def run_mount(config: MountConfig, region: str, *, ready_fd: int | None = None) -> int:
+def run_mount(config: MountConfig, region: str, session=None, *, ready_fd: int | None = None) -> int:
     parent = _Parent(ready_fd)
     structlog.contextvars.bind_contextvars(bucket=config.s3.bucket, prefix=config.fs.prefix)
     log.info("starting", mountpoint=config.mountpoint, region=region, endpoint=_without_userinfo(config.s3.endpoint_url),
              read_only=config.fs.read_only, metadata_ttl=config.fs.metadata_ttl)
 
     async def main() -> None:
-        client = S3ObjectClient(config.s3, region)
+        client = S3ObjectClient(config.s3, region, session=session)
         try:
             await client.head_bucket()
         except api.ObjectClientError as exc:

@@ -16,8 +16,9 @@ UNREACHABLE = "unreachable"  # the endpoint does not answer
 INVALID = "invalid"  # an option or attribute is wrong
 DIRECTORY = "directory"  # the mount directory cannot be used
 MOUNT_FAILED = "mount_failed"  # the kernel refused the mount
+UNAUTHENTICATED = "unauthenticated"  # no credentials could be had: token or keys refused
 INTERNAL = "internal"
-KINDS = (NOT_FOUND, ACCESS_DENIED, UNREACHABLE, INVALID, DIRECTORY, MOUNT_FAILED, INTERNAL)
+KINDS = (NOT_FOUND, ACCESS_DENIED, UNREACHABLE, INVALID, DIRECTORY, MOUNT_FAILED, UNAUTHENTICATED, INTERNAL)
 
 
 def error_line(kind: str, message: str) -> str:
@@ -35,6 +36,12 @@ def parse(line: str) -> tuple[str, str] | None:
         if kind in KINDS:
             return kind, message
     return INTERNAL, line or "the mount process ended without a word"
+
+
+def kind_of_credentials(kind: str) -> str:
+    """The kind for a driver.credentials.CredentialError kind."""
+    return {"refused": UNAUTHENTICATED, "denied": ACCESS_DENIED, "unreachable": UNREACHABLE,
+            "invalid": INVALID}.get(kind, INTERNAL)
 
 
 def kind_of(exc: api.ObjectClientError) -> str:

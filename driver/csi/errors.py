@@ -43,6 +43,7 @@ MOUNT_ERROR_CODES = {
     readiness.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     readiness.DIRECTORY: grpc.StatusCode.FAILED_PRECONDITION,
     readiness.MOUNT_FAILED: grpc.StatusCode.INTERNAL,
+    readiness.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     readiness.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 

@@ -41,7 +41,7 @@ REFUSED = {
     "no-sign-request": "how requests are signed is decided by the driver's credentials "
                        "('authenticationSource'), not by mountOptions",
     **{name: _NODE for name in ("log-file", "log-format", "foreground", "ready-fd",
-                                "allow-other", "allow-root")},
+                                "allow-other", "allow-root", "credentials-file")},
 }
 
 _NAME = re.compile(r"[^\s=]*")

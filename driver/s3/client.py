@@ -21,7 +21,9 @@ import structlog
 import trio
 from botocore import UNSIGNED
 
+from driver import credentials
 from driver.config import S3Settings
+from driver.credentials import CredentialError
 from driver.s3 import api, options
 from driver.s3.crt import CrtDataPath
 
@@ -77,6 +79,9 @@ def _error_from_boto(exc: Exception, operation: str, what: str) -> api.ObjectCli
         if status == 412:
             return api.PreconditionFailed(message, operation=operation, status=status, code=code)
         return api.ObjectClientError(message, operation=operation, status=status, code=code)
+    if isinstance(exc, CredentialError):  # fetching fresh credentials failed
+        error = api.Unreachable if exc.kind == "unreachable" else api.AccessDenied
+        return error(f"{operation} {what}: {exc}", operation=operation)
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return api.AccessDenied(f"{operation} {what}: no credentials found", operation=operation)
     if isinstance(exc, (botocore.exceptions.EndpointConnectionError,
@@ -118,7 +123,7 @@ class S3ObjectClient:
                  metadata_threads: int = 16) -> None:
         self.settings = settings
         self.region = region
-        self._session = session or boto3.Session()
+        self._session = session or credentials.session(settings.credentials_file)
         self._boto = make_boto_client(settings, region, self._session)
         self._limiter = trio.CapacityLimiter(metadata_threads)
         # Reads go through awscrt; PAIL_DATA_PATH=boto3 switches them to boto3 in threads,

@@ -101,6 +101,7 @@ def test_mount_options_from_the_pv(s3, bucket, kubelet, attributes):
     (["endpoint-url=http://evil.example"], "endpoint-url"),
     (["--ca-bundle", "/etc/passwd"], "ca-bundle"),
     (["log-file=/etc/cron.d/x"], "log-file"),
+    (["credentials-file=/etc/shadow"], "credentials-file"),
     (["allow-root"], "allow-root"),
     (["no-such-option"], "no-such-option"),
     (["uid=alice"], "--uid"),

@@ -1,0 +1,216 @@
+"""Credentials handed to a mount process in a file, refreshed without remounting.
+
+The node server decides whose credentials a volume uses and writes them to a file only
+root can read (``--credentials-file``, JSON, mode 0600); the mount process never gets
+them on its command line or in its environment. The file holds one *source*:
+
+- ``static``: ``access_key_id``, ``secret_access_key`` and optional ``session_token``
+  (a Kubernetes secret's ``key_id``, ``access_key``, ``session_token``).
+- ``web_identity``: ``role_arn`` and ``web_identity_token`` (a pod's projected
+  service-account token), exchanged with STS AssumeRoleWithWebIdentity at
+  ``sts_endpoint`` or the regional endpoint of ``sts_region``.
+- ``container``: ``endpoint`` and ``authorization_token`` (EKS Pod Identity: the node's
+  Pod Identity Agent trades the pod's token for the role's credentials).
+
+kubelet republishes with a fresh token before the old one expires, and the node server
+replaces the file (atomically); the next signed request notices the new file and fetches
+credentials from it, so a mount outlives any one token. Expiring credentials are fetched
+again ahead of time, as botocore does for its own providers.
+
+Without a credentials file the mount uses the standard AWS chain of its environment.
+Either way one botocore session supplies both boto3 and awscrt (through a delegate in
+driver.s3.crt), so both sign with the same, current keys.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.credentials
+import botocore.exceptions
+import botocore.session
+import structlog
+
+log = structlog.get_logger("pail.credentials")
+
+STATIC, WEB_IDENTITY, CONTAINER = "static", "web_identity", "container"
+SOURCES = (STATIC, WEB_IDENTITY, CONTAINER)
+# Static keys do not expire; look at the file again this often anyway.
+STATIC_LIFETIME = datetime.timedelta(hours=1)
+CHECK_INTERVAL = 1.0  # seconds between stats of the credentials file
+REQUEST_TIMEOUT = 10.0  # seconds for one STS or Pod Identity Agent request
+SESSION_NAME = "pail"
+
+
+class CredentialError(Exception):
+    """Credentials could not be obtained. ``kind`` says whose move it is:
+    ``refused`` (the token or keys were rejected or are missing: UNAUTHENTICATED),
+    ``denied`` (the role may not be assumed: PERMISSION_DENIED), ``unreachable`` (STS or
+    the agent did not answer: UNAVAILABLE), ``invalid`` (the file is malformed)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def read_source(path: str) -> dict[str, Any]:
+    """The credential source in ``path``; CredentialError ``invalid`` naming what is wrong
+    (never quoting a value: they are secrets)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = json.load(f)
+    except FileNotFoundError:
+        raise CredentialError("invalid", f"credentials file {path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise CredentialError("invalid", f"credentials file {path} is unreadable: {type(exc).__name__}") from None
+    if not isinstance(source, dict) or source.get("source") not in SOURCES:
+        raise CredentialError("invalid", f"credentials file {path}: 'source' must be one of {', '.join(SOURCES)}")
+    required = {STATIC: ("access_key_id", "secret_access_key"), WEB_IDENTITY: ("role_arn", "web_identity_token"),
+                CONTAINER: ("endpoint", "authorization_token")}[source["source"]]
+    for key in required:
+        if not isinstance(source.get(key), str) or not source[key]:
+            raise CredentialError("invalid", f"credentials file {path}: {key} is missing")
+    return source
+
+
+def fetch(source: dict[str, Any]) -> dict[str, str]:
+    """Credentials from ``source`` in botocore's refresh format."""
+    kind = source["source"]
+    if kind == STATIC:
+        expiry = datetime.datetime.now(datetime.timezone.utc) + STATIC_LIFETIME
+        return {"access_key": source["access_key_id"], "secret_key": source["secret_access_key"],
+                "token": source.get("session_token") or None, "expiry_time": expiry.isoformat()}
+    if kind == WEB_IDENTITY:
+        return _assume_role_with_web_identity(source)
+    return _from_container_endpoint(source)
+
+
+def _assume_role_with_web_identity(source: dict[str, Any]) -> dict[str, str]:
+    region = source.get("sts_region") or "us-east-1"
+    sts = boto3.Session().client(
+        "sts", region_name=region, endpoint_url=source.get("sts_endpoint") or None,
+        config=botocore.config.Config(signature_version=botocore.UNSIGNED, connect_timeout=REQUEST_TIMEOUT,
+                                      read_timeout=REQUEST_TIMEOUT, retries={"mode": "standard", "max_attempts": 3}))
+    try:
+        answer = sts.assume_role_with_web_identity(
+            RoleArn=source["role_arn"], WebIdentityToken=source["web_identity_token"],
+            RoleSessionName=source.get("role_session_name") or SESSION_NAME)
+    except botocore.exceptions.ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        kind = "refused" if code in ("InvalidIdentityToken", "ExpiredTokenException", "IDPRejectedClaim",
+                                     "IDPCommunicationError") else "denied" if status == 403 else "unreachable"
+        raise CredentialError(kind, f"STS AssumeRoleWithWebIdentity for {source['role_arn']} failed: "
+                                    f"{status} {code}") from None
+    except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError,
+            botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectionClosedError) as exc:
+        raise CredentialError("unreachable", f"STS did not answer: {type(exc).__name__}") from None
+    credentials = answer["Credentials"]
+    return {"access_key": credentials["AccessKeyId"], "secret_key": credentials["SecretAccessKey"],
+            "token": credentials["SessionToken"], "expiry_time": _iso(credentials["Expiration"])}
+
+
+def _from_container_endpoint(source: dict[str, Any]) -> dict[str, str]:
+    request = urllib.request.Request(source["endpoint"],
+                                     headers={"Authorization": source["authorization_token"]})
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:  # noqa: S310
+            answer = json.load(response)
+    except urllib.error.HTTPError as exc:
+        kind = "refused" if exc.code in (400, 401) else "denied" if exc.code == 403 else "unreachable"
+        raise CredentialError(kind, f"the Pod Identity Agent refused the token: HTTP {exc.code}") from None
+    except (OSError, ValueError) as exc:
+        raise CredentialError("unreachable", f"the Pod Identity Agent did not answer: {type(exc).__name__}") from None
+    try:
+        return {"access_key": answer["AccessKeyId"], "secret_key": answer["SecretAccessKey"],
+                "token": answer.get("Token"), "expiry_time": answer["Expiration"]}
+    except (KeyError, TypeError):
+        raise CredentialError("unreachable", "the Pod Identity Agent answered without credentials") from None
+
+
+def _parse_time(value: str) -> datetime.datetime:
+    parsed = datetime.datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.timezone.utc)
+
+
+def _iso(value: Any) -> str:
+    return value.isoformat() if isinstance(value, datetime.datetime) else str(value)
+
+
+class FileCredentials(botocore.credentials.RefreshableCredentials):
+    """botocore's refreshable credentials, also refreshed when the file is replaced."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._stamp = _stamp(path)
+        self._checked = time.monotonic()
+        self._stamp_lock = threading.Lock()
+        self._pending = False  # a replaced file was seen and not loaded yet
+        first = fetch(read_source(path))
+        super().__init__(first["access_key"], first["secret_key"], first["token"],
+                         _parse_time(first["expiry_time"]),
+                         self._load, "pail-credentials-file")
+
+    def _load(self) -> dict[str, str]:
+        with self._stamp_lock:
+            # Seen, even if fetching fails: a broken file is not asked again and again.
+            self._stamp = _stamp(self._path)
+            self._pending = False
+        fresh = fetch(read_source(self._path))
+        log.info("credentials refreshed", source_file=self._path)
+        return fresh
+
+    def refresh_needed(self, refresh_in: int | None = None) -> bool:
+        if super().refresh_needed(refresh_in):
+            return True
+        # A replaced file is an advisory refresh: if fetching fails, botocore keeps the
+        # current keys while they are valid.
+        return refresh_in == self._advisory_refresh_timeout and self._replaced()
+
+    def _replaced(self) -> bool:
+        now = time.monotonic()
+        with self._stamp_lock:
+            if not self._pending and now - self._checked >= CHECK_INTERVAL:
+                self._checked = now
+                self._pending = _stamp(self._path) != self._stamp
+            return self._pending
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def session(credentials_file: str | None) -> boto3.Session:
+    """The boto3 session of a mount: the credentials file alone when given (never falling
+    back to the node's own credentials), else the standard chain."""
+    if not credentials_file:
+        return boto3.Session()
+    credentials = FileCredentials(credentials_file)
+    core = botocore.session.get_session()
+    core.register_component("credential_provider",
+                            botocore.credentials.CredentialResolver([_Fixed(credentials)]))
+    return boto3.Session(botocore_session=core)
+
+
+class _Fixed(botocore.credentials.CredentialProvider):
+    METHOD = "pail-credentials-file"
+
+    def __init__(self, credentials: FileCredentials) -> None:
+        super().__init__()
+        self._credentials = credentials
+
+    def load(self) -> FileCredentials:
+        return self._credentials
