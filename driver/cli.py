@@ -39,6 +39,8 @@ from driver.mountpoint import check_mount_directory, is_mount_point, resolve
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+# Where the EKS Pod Identity Agent answers on every node (a link-local address).
+DEFAULT_POD_IDENTITY_AGENT = "http://169.254.170.23/v1/credentials"
 READY_TIMEOUT = 60.0  # seconds a background mount may take to answer
 
 
@@ -142,6 +144,16 @@ def build_parser(strict: bool = False) -> argparse.ArgumentParser:
             serve.add_argument("--enable-ephemeral", action="store_true",
                                help="allow inline ephemeral volumes (with pod-level credentials only)")
             serve.add_argument("--controller", action="store_true", help="serve the controller service too")
+            pod = serve.add_argument_group("pod-level credentials (authenticationSource: pod)")
+            pod.add_argument("--sts-endpoint-url", help="STS endpoint for AssumeRoleWithWebIdentity "
+                                                        "(default: the regional endpoint)")
+            pod.add_argument("--sts-region", help="STS region when a volume sets no stsRegion "
+                                                  "(default: the volume's region, else AWS_REGION)")
+            pod.add_argument("--pod-identity-agent-url", default=DEFAULT_POD_IDENTITY_AGENT,
+                             help="EKS Pod Identity Agent; 'none' to turn EKS Pod Identity off "
+                                  f"(default {DEFAULT_POD_IDENTITY_AGENT})")
+            pod.add_argument("--kubeconfig", help="read ServiceAccounts through this kubeconfig "
+                                                  "(default: in-cluster configuration)")
             serve.add_argument("--no-supervisor", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -272,19 +284,34 @@ def csi(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from pathlib import Path
 
     from driver.csi import server
+    from driver.csi.volume_credentials import PodIdentitySettings
 
     logging_setup.configure(args.log_format, debug=args.debug)
     try:
         server.socket_path(args.endpoint)
     except ValueError as exc:
         raise ConfigError("--endpoint", str(exc)) from None
-    if args.role == "node" and not args.no_supervisor:
-        return server.supervise(server.server_command(list(argv)))
     node = args.role == "node"
+    pod_identity = PodIdentitySettings()
+    if node:
+        for option, value in (("--sts-endpoint-url", args.sts_endpoint_url),
+                              ("--pod-identity-agent-url", args.pod_identity_agent_url)):
+            parts = urlsplit(value or "")
+            if value and value != "none" and (parts.scheme not in ("http", "https") or not parts.hostname):
+                raise ConfigError(option, f"expected http(s)://host[:port][/path], not {value!r}")
+        if args.kubeconfig and not os.path.isfile(args.kubeconfig):
+            raise ConfigError("--kubeconfig", f"{args.kubeconfig}: no such file")
+        pod_identity = PodIdentitySettings(
+            sts_endpoint=args.sts_endpoint_url or None,
+            sts_region=args.sts_region or os.environ.get("AWS_REGION") or None,
+            pod_identity_agent_url=None if args.pod_identity_agent_url == "none" else args.pod_identity_agent_url)
+        if not args.no_supervisor:  # checked first: a bad flag must not become a restart loop
+            return server.supervise(server.server_command(list(argv)))
     server.serve(args.endpoint, node_id=args.node_id if node else None,
                  controller=not node or args.controller,
                  state_dir=Path(args.state_dir) if node else Path("/nonexistent"),
-                 kubelet_dir=args.kubelet_dir if node else "", enable_ephemeral=node and args.enable_ephemeral)
+                 kubelet_dir=args.kubelet_dir if node else "", enable_ephemeral=node and args.enable_ephemeral,
+                 pod_identity=pod_identity, kubeconfig=args.kubeconfig if node else None)
     return 0
 
 

@@ -5,6 +5,11 @@ mount`` — started in its own session so that it outlives the gRPC server: a se
 crashes and comes back (same state directory) finds its records, keeps the mounts that
 still answer and cleans up the dead ones. Records are JSON files under
 ``<state>/mounts/``, one per target, written atomically.
+
+A volume with its own credentials (a secret's keys, a pod's token) gets them in
+``<state>/credentials/<target hash>.json``: created 0600 in a 0700 directory, replaced
+atomically on every publish (kubelet's republish brings fresh tokens, which the mount
+process picks up without remounting) and deleted with the mount.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
@@ -41,6 +46,9 @@ class MountSpec:
     volume_id: str
     bucket: str
     options: tuple[str, ...]
+    # A driver.credentials source for --credentials-file, or None for the node's own
+    # chain. Not part of the fingerprint: tokens and secrets change with every publish.
+    credentials: dict | None = field(default=None, compare=False, repr=False)
 
     @property
     def fingerprint(self) -> str:
@@ -62,13 +70,30 @@ class MountManager:
     def __init__(self, state_dir: Path, *, env: dict[str, str] | None = None) -> None:
         self._dir = state_dir / "mounts"
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._credentials_dir = state_dir / "credentials"
+        self._credentials_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self._credentials_dir, 0o700)  # whatever an older run or umask left
         self._env = env
         self._children: dict[int, subprocess.Popen] = {}
 
     # -- records ---------------------------------------------------------------------------
 
     def _record_path(self, target: str) -> Path:
-        return self._dir / (hashlib.sha256(target.encode()).hexdigest()[:32] + ".json")
+        return self._dir / (_target_hash(target) + ".json")
+
+    def credentials_path(self, target: str) -> str:
+        """Where the mount at ``target`` finds its own credentials, if it has any."""
+        return str(self._credentials_dir / (_target_hash(target) + ".json"))
+
+    def _write_credentials(self, spec: MountSpec, target: str) -> None:
+        if spec.credentials is None:
+            return
+        path = self.credentials_path(target)
+        temporary = path + ".tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(spec.credentials, f)
+        os.replace(temporary, path)
 
     def record(self, target: str) -> MountRecord | None:
         try:
@@ -108,12 +133,18 @@ class MountManager:
                 if record.fingerprint != spec.fingerprint:
                     raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
                                    f"{target} is published with another volume, capability or attributes")
+                self._write_credentials(spec, target)  # fresh tokens for the live mount
                 return False
             log.warning("repairing a dead mount", target=target, volume_id=record.volume_id, pid=record.pid)
             self._clean_up(record.target, record.pid)
         elif _is_mount_point(target):
             raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, f"{target} is already a mount point, not Pail's")
-        pid = self._start(spec, target)
+        self._write_credentials(spec, target)
+        try:
+            pid = self._start(spec, target)
+        except BaseException:
+            Path(self.credentials_path(target)).unlink(missing_ok=True)
+            raise
         self._save(MountRecord(spec.volume_id, target, pid, spec.fingerprint, time.time()))
         return True
 
@@ -133,6 +164,10 @@ class MountManager:
             else:
                 self._clean_up(record.target, record.pid)
                 cleaned += 1
+        recorded = {self.credentials_path(r.target) for r in self.records()}
+        for path in self._credentials_dir.iterdir():
+            if str(path) not in recorded:  # left by a server that died mid-publish
+                path.unlink(missing_ok=True)
         return kept, cleaned
 
     def is_live(self, record: MountRecord) -> bool:
@@ -153,8 +188,13 @@ class MountManager:
         read_end, write_end = os.pipe()
         command = [sys.executable, "-m", "driver", "mount", spec.bucket, target, *spec.options,
                    "--foreground", "--allow-other", "--log-format", "json", "--ready-fd", str(write_end)]
+        env = dict(self._env if self._env is not None else os.environ)
+        if spec.credentials is not None:
+            # The volume's own credentials only: nothing of the node's to fall back on.
+            for name in _NODE_CREDENTIAL_VARIABLES:
+                env.pop(name, None)
         try:
-            child = subprocess.Popen(command, env=self._env, stdin=subprocess.DEVNULL, pass_fds=[write_end],
+            child = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, pass_fds=[write_end],
                                      start_new_session=True, close_fds=True)
         finally:
             os.close(write_end)
@@ -182,6 +222,7 @@ class MountManager:
         if pid is not None and _process_serves(pid, target):
             self._stop(pid)
         self._record_path(target).unlink(missing_ok=True)
+        Path(self.credentials_path(target)).unlink(missing_ok=True)
         try:
             os.rmdir(target)
         except FileNotFoundError:
@@ -209,6 +250,17 @@ class MountManager:
         for pid, child in list(self._children.items()):
             if child.poll() is not None:
                 del self._children[pid]
+
+
+_NODE_CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE",
+)
+
+
+def _target_hash(target: str) -> str:
+    return hashlib.sha256(target.encode()).hexdigest()[:32]
 
 
 def _is_mount_point(path: str) -> bool:

@@ -23,6 +23,7 @@ from driver.csi import context as ctx
 from driver.csi.errors import CsiError, grpc_errors, invalid, require
 from driver.csi.mount_flags import parse_mount_flags
 from driver.csi.mounts import MountManager, MountSpec
+from driver.csi.volume_credentials import PodIdentitySettings, ServiceAccountLookup, credential_source
 
 log = structlog.get_logger("pail.csi.node")
 
@@ -59,8 +60,11 @@ class InFlight:
 
 class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, node_id: str, mounts: MountManager, *, kubelet_dir: str = "/var/lib/kubelet",
-                 enable_ephemeral: bool = False) -> None:
+                 enable_ephemeral: bool = False, service_accounts: ServiceAccountLookup | None = None,
+                 pod_identity: PodIdentitySettings = PodIdentitySettings()) -> None:
         self._node_id = node_id
+        self._service_accounts = service_accounts
+        self._pod_identity = pod_identity
         self._mounts = mounts
         self._kubelet_dir = os.path.normpath(kubelet_dir)
         self._enable_ephemeral = enable_ephemeral
@@ -124,9 +128,6 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         source = attributes.get(ctx.AUTHENTICATION_SOURCE, ctx.AUTH_SOURCE_DRIVER)
         if source not in ctx.AUTH_SOURCES:
             raise invalid(f"volume_context: {ctx.AUTHENTICATION_SOURCE} must be driver or pod, not {source!r}")
-        if source == ctx.AUTH_SOURCE_POD:
-            raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"{ctx.AUTHENTICATION_SOURCE}=pod is not available in this version")
         bucket = attributes.get(ctx.BUCKET_NAME)
         if not bucket:
             raise invalid(f"volume_context: {ctx.BUCKET_NAME} is required")
@@ -151,7 +152,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         # Validate it all now, as the mount process would: a mistake is INVALID_ARGUMENT
         # naming the option, before anything is mounted.
         parse_mount_options(bucket, target, options)
-        return MountSpec(request.volume_id, bucket, tuple(options))
+        own = credential_source(attributes, request.secrets, self._service_accounts, self._pod_identity)
+        if own is not None:  # the file is written just before the mount process starts
+            options += ["--credentials-file", self._mounts.credentials_path(target)]
+        return MountSpec(request.volume_id, bucket, tuple(options), credentials=own)
 
     def _check_ephemeral(self, attributes: dict[str, str]) -> None:
         """An inline volume's attributes come from a pod's author: they may not choose the

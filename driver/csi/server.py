@@ -28,6 +28,7 @@ from driver.csi.identity import IdentityService, can_mount
 from driver.csi.interceptor import LoggingInterceptor
 from driver.csi.mounts import MountManager
 from driver.csi.node import NodeService
+from driver.csi.volume_credentials import KubernetesServiceAccounts, PodIdentitySettings
 
 log = structlog.get_logger("pail.csi")
 
@@ -49,7 +50,8 @@ def socket_path(endpoint: str) -> str:
 
 
 def serve(endpoint: str, *, node_id: str | None, controller: bool, state_dir: Path, kubelet_dir: str,
-          enable_ephemeral: bool, workers: int = 16) -> None:
+          enable_ephemeral: bool, pod_identity: PodIdentitySettings = PodIdentitySettings(),
+          kubeconfig: str | None = None, workers: int = 16) -> None:
     """Serve until SIGTERM or SIGINT. A node server first re-adopts the mounts it made."""
     path = socket_path(endpoint)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[LoggingInterceptor()])
@@ -59,7 +61,8 @@ def serve(endpoint: str, *, node_id: str | None, controller: bool, state_dir: Pa
         mounts = MountManager(state_dir)
         kept, cleaned = mounts.adopt()
         log.info("mounts adopted", kept=kept, cleaned=cleaned)
-        node = NodeService(node_id, mounts, kubelet_dir=kubelet_dir, enable_ephemeral=enable_ephemeral)
+        node = NodeService(node_id, mounts, kubelet_dir=kubelet_dir, enable_ephemeral=enable_ephemeral,
+                           service_accounts=KubernetesServiceAccounts(kubeconfig), pod_identity=pod_identity)
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)
     if controller:
         from driver.csi.controller import ControllerService

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import threading
 import time
 
@@ -105,8 +106,6 @@ def test_a_dead_mount_is_repaired_on_republish_and_removed_on_unpublish(s3, buck
     assert not list(kubelet.server.state_dir.glob("mounts/*.json"))
 
 
-SECRET_VALUES = {"key_id": "AKIAPAILTESTKEYID0001", "access_key": "pail-secret-access-key-value-0001",
-                 "session_token": "pail-session-token-value-0001"}
 SA_TOKEN = "eyJhbGciOiJSUzI1NiJ9.pail-service-account-token-0001.sig"
 
 
@@ -119,22 +118,28 @@ def debug_node_server(s3_server, tmp_path):
         server.stop()
 
 
-@pytest.mark.s3_servers("seaweedfs")
-def test_secrets_and_tokens_never_reach_the_logs(s3, bucket, debug_node_server, attributes):
+@pytest.mark.s3_servers("seaweedfs")  # checks signatures: the secret's keys are the ones used
+def test_secrets_and_tokens_never_reach_the_logs(s3_server, s3, bucket, debug_node_server, attributes):
     kubelet = Kubelet(debug_node_server)
+    secrets = {"key_id": s3_server.access_key, "access_key": s3_server.secret_key}
     tokens = json.dumps({"sts.amazonaws.com": {"token": SA_TOKEN, "expirationTimestamp": "2030-01-01T00:00:00Z"}})
     context = {**attributes, "csi.storage.k8s.io/serviceAccount.tokens": tokens}
     pod = kubelet.new_pod()
-    target = kubelet.publish(pod, "pv-secret", context, secrets=SECRET_VALUES)
+    target = kubelet.publish(pod, "pv-secret", context, secrets=secrets)
     (target / "out.txt").write_bytes(b"x")
-    kubelet.publish(pod, "pv-secret", context, secrets=SECRET_VALUES)  # republish: fresh tokens
+    assert s3.get_object(Bucket=bucket, Key="out.txt")["Body"].read() == b"x"
+    files = list(debug_node_server.state_dir.glob("credentials/*.json"))
+    assert len(files) == 1 and stat.S_IMODE(files[0].stat().st_mode) == 0o600
+    assert stat.S_IMODE(files[0].parent.stat().st_mode) == 0o700
+    kubelet.publish(pod, "pv-secret", context, secrets=secrets)  # republish: fresh tokens
     with pytest.raises(grpc.RpcError):  # a failing call logs its details too
         kubelet.publish(kubelet.new_pod(), "pv-secret-bad", {**context, "bucketName": "no-such-bucket-x1"},
-                        secrets=SECRET_VALUES)
+                        secrets=secrets)
     kubelet.unpublish(pod, "pv-secret")
+    assert not list(debug_node_server.state_dir.glob("credentials/*")), "deleted on unpublish"
     log = debug_node_server.log()
     assert "NodePublishVolume" in log and "pv-secret" in log, "the calls were logged"
-    for value in [*SECRET_VALUES.values(), SA_TOKEN]:
+    for value in (s3_server.access_key, s3_server.secret_key, SA_TOKEN):
         assert value not in log
     # The requests themselves were logged (debug), with the credentials replaced.
     assert '"csi.storage.k8s.io/serviceAccount.tokens": "***stripped***"' in log
