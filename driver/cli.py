@@ -155,6 +155,17 @@ def build_parser(strict: bool = False) -> argparse.ArgumentParser:
             pod.add_argument("--kubeconfig", help="read ServiceAccounts through this kubeconfig "
                                                   "(default: in-cluster configuration)")
             serve.add_argument("--no-supervisor", action="store_true", help=argparse.SUPPRESS)
+        # DeleteVolume gets only a volume id, so dynamic volumes live where the controller's
+        # own S3 settings point (nodes are told in the volume context), not a StorageClass's.
+        s3 = serve.add_argument_group("controller S3 access" + (" (with --controller)" if role == "node" else ""),
+                                      "credentials come from the standard AWS chain (environment, IRSA, "
+                                      "EKS Pod Identity)")
+        s3.add_argument("--s3-endpoint-url", help="S3 endpoint of dynamic volumes, for S3-compatible stores "
+                                                  "(http[s]://host[:port]; default: AWS S3)")
+        s3.add_argument("--s3-region", help="region of new buckets and of requests "
+                                            "(default: AWS_REGION, else us-east-1)")
+        s3.add_argument("--s3-force-path-style", action="store_true",
+                        help="address buckets in the URL path (also on the nodes, for dynamic volumes)")
     return parser
 
 
@@ -292,6 +303,7 @@ def csi(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except ValueError as exc:
         raise ConfigError("--endpoint", str(exc)) from None
     node = args.role == "node"
+    controller_settings = _controller_settings(args, node)
     pod_identity = PodIdentitySettings()
     if node:
         for option, value in (("--sts-endpoint-url", args.sts_endpoint_url),
@@ -311,8 +323,27 @@ def csi(args: argparse.Namespace, argv: Sequence[str]) -> int:
                  controller=not node or args.controller,
                  state_dir=Path(args.state_dir) if node else Path("/nonexistent"),
                  kubelet_dir=args.kubelet_dir if node else "", enable_ephemeral=node and args.enable_ephemeral,
-                 pod_identity=pod_identity, kubeconfig=args.kubeconfig if node else None)
+                 pod_identity=pod_identity, kubeconfig=args.kubeconfig if node else None,
+                 controller_settings=controller_settings)
     return 0
+
+
+def _controller_settings(args: argparse.Namespace, node: bool):
+    """The controller's S3 settings (None without a controller), checked before serving."""
+    given = [o for o, v in (("--s3-endpoint-url", args.s3_endpoint_url), ("--s3-region", args.s3_region),
+                            ("--s3-force-path-style", args.s3_force_path_style)) if v]
+    if node and not args.controller:
+        if given:
+            raise ConfigError(given[0], "configures the controller service: it needs --controller")
+        return None
+    from driver.csi.controller import ControllerSettings
+
+    if args.s3_endpoint_url:
+        parts = urlsplit(args.s3_endpoint_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError("--s3-endpoint-url", f"expected http(s)://host[:port], not {args.s3_endpoint_url!r}")
+    return ControllerSettings(endpoint_url=args.s3_endpoint_url or None, region=args.s3_region or None,
+                              force_path_style=args.s3_force_path_style)
 
 
 def unmount(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ import structlog
 
 from csi import csi_pb2, csi_pb2_grpc
 from driver.cli import parse_mount_options
+from driver.csi import capabilities
 from driver.csi import context as ctx
 from driver.csi.errors import CsiError, grpc_errors, invalid, require
 from driver.csi.mount_flags import parse_mount_flags
@@ -27,12 +28,6 @@ from driver.csi.volume_credentials import PodIdentitySettings, ServiceAccountLoo
 
 log = structlog.get_logger("pail.csi.node")
 
-AccessMode = csi_pb2.VolumeCapability.AccessMode
-READER_ONLY = {AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY}
-SUPPORTED_MODES = READER_ONLY | {
-    AccessMode.SINGLE_NODE_WRITER, AccessMode.SINGLE_NODE_SINGLE_WRITER, AccessMode.SINGLE_NODE_MULTI_WRITER,
-    AccessMode.MULTI_NODE_SINGLE_WRITER, AccessMode.MULTI_NODE_MULTI_WRITER,
-}
 # With fsGroup, the group gets write access, as for any volume kubelet would chown.
 GROUP_FILE_MODE, GROUP_DIR_MODE = "0664", "0775"
 
@@ -112,13 +107,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def _spec(self, request, target: str) -> MountSpec:
         capability = request.volume_capability
-        if capability.HasField("block"):
-            raise invalid("volume_capability: block access is not supported: S3 is mounted as a file system")
-        if not capability.HasField("mount"):
-            raise invalid("volume_capability: access_type mount is required")
+        problem = capabilities.unsupported(capability)
+        if problem:
+            raise invalid(f"volume_capability: {problem}")
         mode = capability.access_mode.mode
-        if mode not in SUPPORTED_MODES:
-            raise invalid(f"volume_capability: access mode {AccessMode.Mode.Name(mode)} is not supported")
         attributes = dict(request.volume_context)
         unknown = sorted(k for k in attributes if k not in ctx.VOLUME_ATTRIBUTES and not k.startswith(ctx.PROVISIONER_PREFIX))
         if unknown:
@@ -147,7 +139,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 if option not in flags:  # the PV's own mountOptions win
                     options += [option, value]
         options += flags
-        if (request.readonly or mode in READER_ONLY) and "--read-only" not in options:
+        if (request.readonly or mode in capabilities.READER_ONLY) and "--read-only" not in options:
             options.append("--read-only")
         # Validate it all now, as the mount process would: a mistake is INVALID_ARGUMENT
         # naming the option, before anything is mounted.
