@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent import futures
 from pathlib import Path
@@ -51,8 +50,10 @@ def socket_path(endpoint: str) -> str:
 
 def serve(endpoint: str, *, node_id: str | None, controller: bool, state_dir: Path, kubelet_dir: str,
           enable_ephemeral: bool, pod_identity: PodIdentitySettings = PodIdentitySettings(),
-          kubeconfig: str | None = None, workers: int = 16) -> None:
-    """Serve until SIGTERM or SIGINT. A node server first re-adopts the mounts it made."""
+          kubeconfig: str | None = None, controller_settings=None, workers: int = 16) -> None:
+    """Serve until SIGTERM or SIGINT. A node server first re-adopts the mounts it made.
+    ``controller_settings`` (driver.csi.controller.ControllerSettings): where the controller's
+    S3 requests go."""
     path = socket_path(endpoint)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[LoggingInterceptor()])
     ready = can_mount if node_id else (lambda: True)
@@ -65,19 +66,19 @@ def serve(endpoint: str, *, node_id: str | None, controller: bool, state_dir: Pa
                            service_accounts=KubernetesServiceAccounts(kubeconfig), pod_identity=pod_identity)
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)
     if controller:
-        from driver.csi.controller import ControllerService
+        from driver.csi.controller import ControllerService, ControllerSettings
 
-        csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(), server)
+        service = ControllerService(controller_settings or ControllerSettings())
+        csi_pb2_grpc.add_ControllerServicer_to_server(service, server)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if os.path.exists(path):
         os.unlink(path)  # a socket left by a previous run
     server.add_insecure_port(f"unix://{path}")
     server.start()
     log.info("serving", endpoint=endpoint, node=bool(node_id), controller=controller)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    stop = _StopFlag()
+    while not stop.raised:
+        time.sleep(0.2)
     log.info("stopping")
     server.stop(grace=5).wait()
 
@@ -89,31 +90,44 @@ def supervise(command: list[str]) -> int:
         ctypes.CDLL("libc.so.6").prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except OSError:
         log.warning("cannot become a subreaper: mount processes of a crashed server become zombies")
-    stopping = threading.Event()
-    child: subprocess.Popen | None = None
-
-    def stop(*_: object) -> None:
-        stopping.set()
-        if child is not None and child.poll() is None:
-            child.terminate()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stopping = _StopFlag()
     backoff = 0.5
-    while not stopping.is_set():
+    while not stopping.raised:
         started = time.monotonic()
         child = subprocess.Popen(command)
+        signalled = False
         while child.poll() is None:
+            if stopping.raised and not signalled:
+                child.terminate()
+                signalled = True
             _reap_orphans(child.pid)
             time.sleep(0.2)
-        if stopping.is_set():
+        if stopping.raised:
             break
-        # Fast crash loops back off; a server that ran for a while restarts at once.
+        # Fast crash loops back off; a server that ran for a while restarts after the
+        # shortest delay.
         backoff = 0.5 if time.monotonic() - started > 60 else min(backoff * 2, RESTART_BACKOFF_MAX)
         log.error("server exited; restarting", status=child.returncode, delay=backoff)
-        stopping.wait(backoff)
+        deadline = time.monotonic() + backoff
+        while not stopping.raised and time.monotonic() < deadline:
+            time.sleep(0.1)
     _reap_orphans(None)
     return 0
+
+
+class _StopFlag:
+    """Set by SIGTERM or SIGINT, polled by the main loop. The handler only assigns: a
+    handler that took a lock (Event.set) could deadlock with the main thread it interrupts
+    inside Event.wait, and a wait without a timeout never runs a handler whose signal
+    landed on one of grpc's threads."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._raise)
+
+    def _raise(self, *_: object) -> None:
+        self.raised = True
 
 
 def _reap_orphans(keep: int | None) -> None:
