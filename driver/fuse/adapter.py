@@ -59,6 +59,7 @@ class Operations(pyfuse3.Operations):
         self.fs = fs
         self.mountpoint = mountpoint
         self._device_id: str | None = None
+        self._warned_unknown_opener = False
         ttl = fs.settings.metadata_ttl
         self._ttl = KERNEL_TTL_MAX if math.isinf(ttl) else ttl
         fs.on_attributes_changed = self._invalidate_attributes
@@ -184,6 +185,11 @@ class Operations(pyfuse3.Operations):
             handle = self.fs.write_handle(fh)
             if handle is not None:
                 held = holds_open(handle.opener_pid, handle.inode.ino, self._device())
+                if held is None and not self._warned_unknown_opener:
+                    self._warned_unknown_opener = True
+                    log.warning("writer not visible from this PID namespace: uploads complete at release, "
+                                "after close() returned (run the CSI node plugin with hostPID: true)",
+                                op="flush", pid=handle.opener_pid)
                 # Unknown (pid outside this namespace): the release completes the upload.
                 await self.fs.flush(fh, opener_done=held is False)
 
