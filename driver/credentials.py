@@ -49,6 +49,8 @@ STATIC_LIFETIME = datetime.timedelta(hours=1)
 CHECK_INTERVAL = 1.0  # seconds between stats of the credentials file
 REQUEST_TIMEOUT = 10.0  # seconds for one STS or Pod Identity Agent request
 SESSION_NAME = "pail"
+_REFUSED_CODES = ("InvalidIdentityToken", "ExpiredTokenException", "IDPRejectedClaim", "IDPCommunicationError")
+_THROTTLED = ("Throttling", "ThrottlingException", "RequestLimitExceeded")
 
 
 class CredentialError(Exception):
@@ -105,15 +107,33 @@ def _assume_role_with_web_identity(source: dict[str, Any]) -> dict[str, str]:
             RoleArn=source["role_arn"], WebIdentityToken=source["web_identity_token"],
             RoleSessionName=source.get("role_session_name") or SESSION_NAME)
     except botocore.exceptions.ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
+        # An <Error> document without the <ErrorResponse> wrapper (S3's shape) parses to a
+        # top-level Code.
+        code = exc.response.get("Error", {}).get("Code") or exc.response.get("Code") or ""
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        kind = "refused" if code in ("InvalidIdentityToken", "ExpiredTokenException", "IDPRejectedClaim",
-                                     "IDPCommunicationError") else "denied" if status == 403 else "unreachable"
+        if code in _REFUSED_CODES:
+            kind = "refused"
+        elif status == 403:
+            kind = "denied"
+        elif isinstance(status, int) and 400 <= status < 500 and code not in _THROTTLED:
+            # Any other 4xx is an answer too (ValidationError, InvalidParameterValue, a code
+            # botocore could not read): the request was refused, STS is not unreachable.
+            kind = "refused"
+        else:
+            kind = "unreachable"
+        if code == "ExpiredTokenException":
+            hint = ": the token expired; kubelet sends a fresh one when it republishes"
+        else:
+            hint = {"refused": ": check the role's trust policy (the cluster's OIDC provider, sub "
+                               "system:serviceaccount:NAMESPACE:NAME, aud sts.amazonaws.com)",
+                    "denied": ": the role may not be assumed with this token"}.get(kind, "")
         raise CredentialError(kind, f"STS AssumeRoleWithWebIdentity for {source['role_arn']} failed: "
-                                    f"{status} {code}") from None
+                                    f"HTTP {status} {code}".rstrip() + hint) from None
     except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError,
             botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectionClosedError) as exc:
-        raise CredentialError("unreachable", f"STS did not answer: {type(exc).__name__}") from None
+        where = source.get("sts_endpoint") or f"the {region} regional endpoint"
+        raise CredentialError("unreachable", f"STS ({where}) did not answer: {type(exc).__name__}: check the "
+                                             "node's network path to STS (or --sts-endpoint-url)") from None
     credentials = answer["Credentials"]
     return {"access_key": credentials["AccessKeyId"], "secret_key": credentials["SecretAccessKey"],
             "token": credentials["SessionToken"], "expiry_time": _iso(credentials["Expiration"])}

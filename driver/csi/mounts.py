@@ -90,7 +90,8 @@ class MountManager:
             return
         path = self.credentials_path(target)
         temporary = path + ".tmp"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        Path(temporary).unlink(missing_ok=True)  # O_EXCL below: the file is born 0600, and ours
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(spec.credentials, f)
         os.replace(temporary, path)

@@ -55,6 +55,7 @@ from typing import Iterator
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 __all__ = [
     "S3Server",
@@ -307,11 +308,19 @@ def _probe_client(server: S3Server):
 
 # --------------------------------------------------------------------------- moto
 def start_moto(
-    workdir: str | os.PathLike, min_part_size: int | None = None, timeout: float = START_TIMEOUT
+    workdir: str | os.PathLike,
+    min_part_size: int | None = None,
+    timeout: float = START_TIMEOUT,
+    extra_env: dict[str, str] | None = None,
 ) -> S3Server:
     """Start ``moto_server`` on a free port of 127.0.0.1.
 
     ``min_part_size`` sets moto's minimum multipart part size (``S3_UPLOAD_PART_MIN_SIZE``).
+    ``extra_env`` adds moto settings to its environment, for example
+    ``{"INITIAL_NO_AUTH_ACTION_COUNT": "0"}``: IAM enforcement, where every request must be
+    signed by keys moto issued and is checked against the signer's policies (see
+    tests.support.pod_identity.IamMoto). Such a server is ready when it answers at all,
+    since the test keys are refused.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -322,6 +331,8 @@ def start_moto(
     env.setdefault("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", str(_MOTO_DEFAULT_KEY_BUFFER))
     if min_part_size is not None:
         env["S3_UPLOAD_PART_MIN_SIZE"] = str(int(min_part_size))
+    env.update(extra_env or {})
+    enforcing = env.get("INITIAL_NO_AUTH_ACTION_COUNT") not in (None, "inf")
     last_error: Exception | None = None
     for _attempt in range(3):
         port = free_port()
@@ -345,11 +356,11 @@ def start_moto(
             data_dir=workdir,
             log_path=log_path,
             supports_odd_keys=True,
-            checks_signatures=False,
-            extra={"min_part_size": min_part_size},
+            checks_signatures=enforcing,
+            extra={"min_part_size": min_part_size, "extra_env": dict(extra_env or {})},
         )
         try:
-            _wait_ready(server, lambda: _probe_client(server).list_buckets(), timeout)
+            _wait_ready(server, lambda: _moto_probe(server, enforcing), timeout)
             return server
         except BaseException as e:
             server.stop()
@@ -357,6 +368,14 @@ def start_moto(
             if not isinstance(e, S3ServerError) or "Address already in use" not in str(e):
                 raise
     raise S3ServerError(f"moto did not start: {last_error}")
+
+
+def _moto_probe(server: S3Server, enforcing: bool) -> None:
+    try:
+        _probe_client(server).list_buckets()
+    except ClientError:
+        if not enforcing:  # with IAM enforcement, a refusal of the test keys is an answer
+            raise
 
 
 # ---------------------------------------------------------------------- seaweedfs
