@@ -5,6 +5,7 @@ fails."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -28,6 +29,9 @@ class NodeServer:
     root: Path
     env: dict[str, str]
     extra_args: list[str] = field(default_factory=list)
+    # Runs the server inside something, e.g. a node container of namespaces
+    # (tests.support.namespaces.node_container_prefix).
+    command_prefix: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
 
     @property
@@ -48,8 +52,8 @@ class NodeServer:
 
     def start(self) -> "NodeServer":
         self.kubelet_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "driver", "csi", "node", "--endpoint", f"unix://{self.socket}",
-                   "--node-id", "test-node", "--state-dir", str(self.state_dir),
+        command = [*self.command_prefix, sys.executable, "-m", "driver", "csi", "node",
+                   "--endpoint", f"unix://{self.socket}", "--node-id", "test-node", "--state-dir", str(self.state_dir),
                    "--kubelet-dir", str(self.kubelet_dir), *self.extra_args]
         log = open(self.log_path, "ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -69,6 +73,10 @@ class NodeServer:
             time.sleep(0.1)
         raise RuntimeError(f"node server did not answer: {self.log_path.read_text()[-2000:]}")
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(f"unix://{self.socket}")
 
@@ -84,14 +92,19 @@ class NodeServer:
     def stop(self) -> None:
         """Stop the server (and its supervisor), then unmount whatever it left mounted."""
         if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.terminate()  # one SIGTERM to the supervisor, as a container runtime sends
             try:
                 self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=20)
-        for target in self.kubelet_dir.glob("pods/*/volumes/kubernetes.io~csi/*/mount"):
-            force_unmount(target)
+        # From the mount table, not a glob: a dead FUSE mount fails a directory walk (ENOTCONN).
+        prefix = f"{self.kubelet_dir}/pods/"
+        with open("/proc/self/mountinfo") as mountinfo:
+            points = [line.split()[4] for line in mountinfo]
+        for point in reversed(points):
+            if point.startswith(prefix):
+                force_unmount(Path(point))
         _kill_mount_processes(self.kubelet_dir)
 
 
@@ -161,6 +174,17 @@ class Kubelet:
         request = self.publish_request(pod, pv, attributes, **kwargs)
         self.stub.NodePublishVolume(request, timeout=90)
         return Path(request.target_path)
+
+    def unpublish_all(self) -> None:
+        """NodeUnpublishVolume for every mount the node server has a record of, as kubelet
+        does when pods go away; then nothing of a test is left for the next one."""
+        for record in sorted(self.server.state_dir.glob("mounts/*.json")):
+            try:
+                entry = json.loads(record.read_text())
+                self.stub.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+                    volume_id=entry["volume_id"], target_path=entry["target"]), timeout=90)
+            except (OSError, ValueError, KeyError, grpc.RpcError):
+                pass  # the server is gone or broken: NodeServer.stop() unmounts by force
 
     def unpublish(self, pod: Pod, pv: str, *, volume_id: str | None = None) -> None:
         self.stub.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
