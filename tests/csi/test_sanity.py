@@ -39,12 +39,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
-import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -52,6 +47,7 @@ import pytest
 
 from csi import csi_pb2, csi_pb2_grpc
 from tests.support.kubelet import AccessMode, Kubelet, NodeServer, capability, mounted
+from tests.support.provisioner import ControllerServer
 
 pytestmark = pytest.mark.s3_servers("seaweedfs")
 
@@ -114,71 +110,6 @@ def mount_pid(server: NodeServer, target: Path) -> int:
     return next(r["pid"] for r in records if r["target"] == str(target))
 
 
-@dataclass
-class ControllerServer:
-    """``pail csi controller`` on its own unix socket, as the controller Deployment runs it:
-    its S3 endpoint from flags, its credentials from the environment. Stopped (process
-    group) even when a test fails."""
-
-    root: Path
-    endpoint_url: str
-    region: str
-    env: dict[str, str]
-    process: subprocess.Popen | None = None
-    extra_args: list[str] = field(default_factory=list)
-
-    @property
-    def socket(self) -> Path:
-        return self.root / "controller" / "csi.sock"
-
-    @property
-    def log_path(self) -> Path:
-        return self.root / "controller.log"
-
-    def start(self) -> ControllerServer:
-        self.socket.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "driver", "csi", "controller", "--endpoint", f"unix://{self.socket}",
-                   "--s3-endpoint-url", self.endpoint_url, "--s3-region", self.region, "--s3-force-path-style",
-                   *self.extra_args]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, env={**env, **self.env}, stdout=log, stderr=log,
-                                            start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"controller server exited: {self.log()[-3000:]}")
-            if self.socket.exists():
-                try:
-                    if self.identity().Probe(csi_pb2.ProbeRequest(), timeout=2).ready.value:
-                        return self
-                except grpc.RpcError:
-                    pass
-            time.sleep(0.1)
-        raise RuntimeError(f"controller server did not answer: {self.log()[-3000:]}")
-
-    def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(f"unix://{self.socket}")
-
-    def identity(self):
-        return csi_pb2_grpc.IdentityStub(self.channel())
-
-    def controller(self):
-        return csi_pb2_grpc.ControllerStub(self.channel())
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=20)
-
-
 class Volumes:
     """CreateVolume through the controller, and DeleteVolume of every volume created,
     even when the test fails (pkg/sanity/resources.go Resources.Cleanup)."""
@@ -224,8 +155,9 @@ class Volumes:
 
 @pytest.fixture
 def controller_server(s3_server, tmp_path):
-    server = ControllerServer(root=tmp_path / "ctl", endpoint_url=s3_server.endpoint, region=s3_server.region,
-                              env=s3_server.env())
+    server = ControllerServer(root=tmp_path / "ctl", env=s3_server.env(),
+                              args=["--s3-endpoint-url", s3_server.endpoint, "--s3-region", s3_server.region,
+                                    "--s3-force-path-style"])
     try:
         yield server.start()
     finally:

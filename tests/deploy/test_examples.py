@@ -40,21 +40,14 @@ from driver.csi.node import NodeService
 from driver.csi.volume_credentials import ROLE_ARN_ANNOTATION, PodIdentitySettings
 from driver.csi.volume_id import decode
 from tests.deploy.manifests import ROOT, describe, load_file, schema_errors
-from tests.support.kubelet import Kubelet, NodeServer, Pod, capability
+from tests.support.csi_server import ACCESS_MODES, capability
+from tests.support.kubelet import Kubelet, NodeServer, Pod
 
 EXAMPLES = ROOT / "examples"
 # What the README and the issue promise users will find there.
 EXPECTED = {"static-pv.yaml", "dynamic-storageclass.yaml", "pod-identity.yaml", "read-only.yaml",
             "secret-credentials.yaml"}
 
-AccessMode = csi_pb2.VolumeCapability.AccessMode
-# How kubelet and csi-provisioner translate Kubernetes access modes (pkg/volume/csi).
-CSI_ACCESS_MODES = {
-    "ReadWriteOnce": AccessMode.SINGLE_NODE_WRITER,
-    "ReadOnlyMany": AccessMode.MULTI_NODE_READER_ONLY,
-    "ReadWriteMany": AccessMode.MULTI_NODE_MULTI_WRITER,
-    "ReadWriteOncePod": AccessMode.SINGLE_NODE_SINGLE_WRITER,
-}
 KUBELET_DIR = "/var/lib/kubelet"
 SIZE_UNITS = {"": 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
               "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
@@ -290,15 +283,11 @@ def publish_request(volume_id: str, pv_name: str, attributes: dict[str, str], mo
         ctx.SERVICE_ACCOUNT_TOKENS: _tokens(),
     })
     group = (spec.get("securityContext") or {}).get("fsGroup")
-    capability = csi_pb2.VolumeCapability(
-        mount=csi_pb2.VolumeCapability.MountVolume(mount_flags=mount_options,
-                                                   volume_mount_group=str(group) if group is not None else ""),
-        # kubelet takes the PV's first access mode.
-        access_mode=AccessMode(mode=CSI_ACCESS_MODES[access_modes[0]]),
-    )
+    # kubelet takes the PV's first access mode.
+    cap = capability(ACCESS_MODES[access_modes[0]], mount_options, fs_group=str(group) if group is not None else "")
     read_only = pv_read_only or bool(volume["persistentVolumeClaim"].get("readOnly"))
     target = f"{KUBELET_DIR}/pods/{context[ctx.POD_UID]}/volumes/kubernetes.io~csi/{pv_name}/mount"
-    return csi_pb2.NodePublishVolumeRequest(volume_id=volume_id, target_path=target, volume_capability=capability,
+    return csi_pb2.NodePublishVolumeRequest(volume_id=volume_id, target_path=target, volume_capability=cap,
                                             readonly=read_only, volume_context=context, secrets=secrets)
 
 
@@ -392,9 +381,7 @@ def _provision(controller, sc: dict, claim: dict) -> tuple[str, csi_pb2.Volume, 
               if not (k.startswith(ctx.PROVISIONER_PREFIX) and "secret" in k)}
     # --extra-create-metadata
     params.update({ctx.PV_NAME: pv_name, ctx.PVC_NAME: name, ctx.PVC_NAMESPACE: ns})
-    capabilities = [csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(
-        mount_flags=sc.get("mountOptions", [])), access_mode=AccessMode(mode=CSI_ACCESS_MODES[mode]))
-        for mode in claim["spec"]["accessModes"]]
+    capabilities = [capability(ACCESS_MODES[mode], sc.get("mountOptions", [])) for mode in claim["spec"]["accessModes"]]
     request = csi_pb2.CreateVolumeRequest(
         name=pv_name, parameters=params, volume_capabilities=capabilities,
         capacity_range=csi_pb2.CapacityRange(required_bytes=_bytes(claim["spec"]["resources"]["requests"]["storage"])))
@@ -497,7 +484,7 @@ def test_static_example_mounts_for_real(examples, s3_server, bucket, tmp_path):
         kubelet = Kubelet(server)
         pod = Pod(uid=str(uuid.uuid4()), name="s3-static-app")
         target = kubelet.publish(pod, pv["metadata"]["name"], attributes, volume_id=spec["csi"]["volumeHandle"],
-                                 cap=capability(CSI_ACCESS_MODES[spec["accessModes"][0]], flags=spec["mountOptions"]))
+                                 cap=capability(ACCESS_MODES[spec["accessModes"][0]], flags=spec["mountOptions"]))
         try:
             assert (target / "existing.txt").read_bytes() == b"from S3\n"
             info = target.stat()

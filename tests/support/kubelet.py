@@ -8,9 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,21 +15,14 @@ from pathlib import Path
 import grpc
 
 from csi import csi_pb2, csi_pb2_grpc
+from tests.support.csi_server import AccessMode, CsiServerProcess, capability  # noqa: F401 (re-exported)
 from tests.support.mounts import force_unmount, is_mounted
-
-START_TIMEOUT = 30.0
-AccessMode = csi_pb2.VolumeCapability.AccessMode
 
 
 @dataclass
-class NodeServer:
-    root: Path
-    env: dict[str, str]
+class NodeServer(CsiServerProcess):
     extra_args: list[str] = field(default_factory=list)
-    # Runs the server inside something, e.g. a node container of namespaces
-    # (tests.support.namespaces.node_container_prefix).
-    command_prefix: list[str] = field(default_factory=list)
-    process: subprocess.Popen | None = None
+    name = "node server"
 
     @property
     def socket(self) -> Path:
@@ -50,54 +40,20 @@ class NodeServer:
     def log_path(self) -> Path:
         return self.root / "node.log"
 
-    def start(self) -> "NodeServer":
+    def arguments(self) -> list[str]:
         self.kubelet_dir.mkdir(parents=True, exist_ok=True)
-        command = [*self.command_prefix, sys.executable, "-m", "driver", "csi", "node",
-                   "--endpoint", f"unix://{self.socket}", "--node-id", "test-node", "--state-dir", str(self.state_dir),
-                   "--kubelet-dir", str(self.kubelet_dir), *self.extra_args]
-        log = open(self.log_path, "ab")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        self.process = subprocess.Popen(command, env={**env, **self.env}, stdout=log, stderr=log,
-                                        start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"node server exited: {self.log_path.read_text()[-2000:]}")
-            if self.socket.exists():
-                try:
-                    if self.identity().Probe(csi_pb2.ProbeRequest(), timeout=2).ready.value:
-                        return self
-                except grpc.RpcError:
-                    pass
-            time.sleep(0.1)
-        raise RuntimeError(f"node server did not answer: {self.log_path.read_text()[-2000:]}")
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(f"unix://{self.socket}")
-
-    def identity(self):
-        return csi_pb2_grpc.IdentityStub(self.channel())
+        return ["csi", "node", "--endpoint", f"unix://{self.socket}", "--node-id", "test-node",
+                "--state-dir", str(self.state_dir), "--kubelet-dir", str(self.kubelet_dir), *self.extra_args]
 
     def node(self):
         return csi_pb2_grpc.NodeStub(self.channel())
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+    def terminate(self) -> None:
+        self.process.terminate()  # one SIGTERM to the supervisor, as a container runtime sends
 
     def stop(self) -> None:
         """Stop the server (and its supervisor), then unmount whatever it left mounted."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # one SIGTERM to the supervisor, as a container runtime sends
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=20)
+        super().stop()
         # From the mount table, not a glob: a dead FUSE mount fails a directory walk (ENOTCONN).
         prefix = f"{self.kubelet_dir}/pods/"
         with open("/proc/self/mountinfo") as mountinfo:
@@ -129,14 +85,6 @@ class Pod:
     name: str
     namespace: str = "default"
     service_account: str = "default"
-
-
-def capability(mode=AccessMode.MULTI_NODE_MULTI_WRITER, flags=(), block=False, fs_group=""):
-    if block:
-        return csi_pb2.VolumeCapability(block=csi_pb2.VolumeCapability.BlockVolume(),
-                                        access_mode=AccessMode(mode=mode))
-    mount = csi_pb2.VolumeCapability.MountVolume(mount_flags=list(flags), volume_mount_group=fs_group)
-    return csi_pb2.VolumeCapability(mount=mount, access_mode=AccessMode(mode=mode))
 
 
 class Kubelet:

@@ -4,40 +4,22 @@ builds from a StorageClass and a PVC. The server is stopped even when a test fai
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
 from csi import csi_pb2, csi_pb2_grpc
+from tests.support.csi_server import ACCESS_MODES, AccessMode, CsiServerProcess, capability  # noqa: F401
 
-START_TIMEOUT = 30.0
 CALL_TIMEOUT = 60.0
 GiB = 1024**3
-AccessMode = csi_pb2.VolumeCapability.AccessMode
-# How csi-provisioner turns a PVC's accessModes into CSI access modes (for a driver
-# without the SINGLE_NODE_MULTI_WRITER capability, as Pail).
-ACCESS_MODES = {
-    "ReadWriteOnce": AccessMode.SINGLE_NODE_WRITER,
-    "ReadOnlyMany": AccessMode.MULTI_NODE_READER_ONLY,
-    "ReadWriteMany": AccessMode.MULTI_NODE_MULTI_WRITER,
-    "ReadWriteOncePod": AccessMode.SINGLE_NODE_SINGLE_WRITER,
-}
 PROVISIONER_PREFIX = "csi.storage.k8s.io/"
 
 
 @dataclass
-class ControllerServer:
-    root: Path
-    env: dict[str, str]
+class ControllerServer(CsiServerProcess):
     args: list[str] = field(default_factory=list)  # e.g. --s3-endpoint-url URL
-    process: subprocess.Popen | None = None
+    name = "controller server"
 
     @property
     def socket(self) -> Path:
@@ -47,56 +29,11 @@ class ControllerServer:
     def log_path(self) -> Path:
         return self.root / "controller.log"
 
-    def start(self) -> ControllerServer:
-        self.root.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "driver", "csi", "controller", "--endpoint", f"unix://{self.socket}",
-                   *self.args]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, env={**env, **self.env}, stdout=log, stderr=log,
-                                            start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"controller server exited: {self.log()[-2000:]}")
-            if self.socket.exists():
-                try:
-                    csi_pb2_grpc.IdentityStub(self.channel()).Probe(csi_pb2.ProbeRequest(), timeout=2)
-                    return self
-                except grpc.RpcError:
-                    pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"controller server did not answer: {self.log()[-2000:]}")
-
-    def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(f"unix://{self.socket}")
-
-    def identity(self):
-        return csi_pb2_grpc.IdentityStub(self.channel())
+    def arguments(self) -> list[str]:
+        return ["csi", "controller", "--endpoint", f"unix://{self.socket}", *self.args]
 
     def controller(self):
         return csi_pb2_grpc.ControllerStub(self.channel())
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=20)
-
-
-def capability(mode=AccessMode.MULTI_NODE_MULTI_WRITER, mount_flags=(), block=False) -> csi_pb2.VolumeCapability:
-    if block:
-        return csi_pb2.VolumeCapability(block=csi_pb2.VolumeCapability.BlockVolume(),
-                                        access_mode=AccessMode(mode=mode))
-    return csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(mount_flags=list(mount_flags)),
-                                    access_mode=AccessMode(mode=mode))
 
 
 class Provisioner:
