@@ -103,8 +103,8 @@ def build_parser(strict: bool = False) -> argparse.ArgumentParser:
     files.add_argument("--metadata-ttl", default="1",
                        help="seconds to trust cached names and attributes: a number, 'minimal' "
                             "(0: ask S3 every time) or 'indefinite' (default 1)")
-    files.add_argument("--max-memory", default="512MiB",
-                       help="memory for prefetched data of all open files (default 512MiB)")
+    files.add_argument("--max-memory", default="256MiB",
+                       help="memory for prefetched data of all open files (default 256MiB)")
     objects = mount.add_argument_group("objects")
     objects.add_argument("--storage-class", help="storage class of new objects (e.g. STANDARD_IA)")
     objects.add_argument("--sse", choices=SSE_MODES, help="server-side encryption of new objects")

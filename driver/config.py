@@ -177,7 +177,7 @@ class FsSettings:
     min_request: int = 256 * KiB
     max_request: int = 8 * MiB
     max_ahead: int = 4
-    max_memory: int = 512 * MiB  # prefetched bytes held by all open files together
+    max_memory: int = 256 * MiB  # prefetched bytes held by all open files together
     # Writing: new objects are multipart uploads of write_part_size parts, at most
     # parts_in_flight uploading while the writer fills the next.
     write_part_size: int = 8 * MiB

@@ -21,7 +21,7 @@ import structlog
 import trio
 
 from driver.config import FsSettings
-from driver.fs.directories import DirHandle, Directories
+from driver.fs.directories import ABSENT, UNKNOWN, DirHandle, Directories
 from driver.fs.errors import FsError, from_store
 from driver.fs.inode import Inode, InodeTable, Kind
 from driver.fs.names import DELIMITER, NAME_MAX, is_valid_name
@@ -71,8 +71,10 @@ class Filesystem:
         self.on_attributes_changed: Callable[[int], None] = lambda ino: None
 
     def start(self, nursery: trio.Nursery) -> None:
-        """Background work (prefetch, part uploads) runs in ``nursery``, which outlives handles."""
+        """Background work (prefetch, part uploads, relistings) runs in ``nursery``, which
+        outlives handles."""
         self._nursery = nursery
+        self.directories.start(nursery)
 
     def _deadline(self) -> float:
         return time.monotonic() + self.settings.metadata_ttl
@@ -124,6 +126,19 @@ class Filesystem:
             raise FsError(errno.ENOENT, "name can never be an S3 key segment")
 
     async def _lookup_remote(self, parent: Inode, name: str) -> Inode:
+        known = self.inodes.child(parent.ino, name)
+        if self.directories.listed_without(parent, name, known):
+            self.inodes.remove_child(parent.ino, name)
+            raise FsError(errno.ENOENT, "no such object or prefix")
+        relisting = self.directories.relisting(parent)
+        if relisting is not None:
+            found = await relisting.find(name)
+            if found is ABSENT:
+                self.inodes.remove_child(parent.ino, name)
+                raise FsError(errno.ENOENT, "no such object or prefix")
+            inode = self.inodes.child(parent.ino, name)
+            if found is not UNKNOWN and inode is not None:
+                return inode  # the relisting remembered it
         before = self.inodes.child(parent.ino, name)
         try:
             found = await self._ask_s3(parent, name, was_dir=before is not None and before.is_dir)
@@ -185,7 +200,7 @@ class Filesystem:
     def forget(self, ino: int, count: int) -> None:
         self.inodes.forget(ino, count)
         if self.inodes.get(ino) is None:
-            self.directories.forget(ino)
+            self.directories.drop(ino)
 
     # -- attributes ----------------------------------------------------------------------
 

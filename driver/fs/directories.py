@@ -9,9 +9,12 @@ to S3: it exists until the mount ends or a file written in it makes it a key pre
 from __future__ import annotations
 
 import errno
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import trio
 
 from driver.fs.errors import FsError, from_store
 from driver.fs.inode import Inode, InodeTable, Kind
@@ -20,6 +23,13 @@ from driver.s3.api import ObjectClient, ObjectClientError
 
 # Entries of complete listings kept for reuse within the TTL, all directories together.
 MAX_CACHED_ENTRIES = 200_000
+# When this many names of a directory listed before were looked up in S3 (within two
+# TTLs), the directory is listed again instead of asking S3 about each name:
+# a program going through a directory (`cat dir/*`, a training epoch) then costs one LIST
+# per 1,000 files a TTL, not a HEAD and a LIST per file. Only for directories whose last
+# listing had at most RELIST_MAX_ENTRIES entries: a lookup waits for the pages before it.
+RELIST_AFTER = 3
+RELIST_MAX_ENTRIES = 10_000
 
 
 @dataclass(eq=False)
@@ -35,6 +45,61 @@ class DirHandle:
 class _CachedListing:
     entries: list[Entry]
     valid_until: float
+    _names: frozenset[str] | None = None
+
+    @property
+    def names(self) -> frozenset[str]:
+        if self._names is None:
+            self._names = frozenset(entry.name for entry in self.entries)
+        return self._names
+
+
+# What a Relisting knows of a name: UNKNOWN when the directory changed in this mount while
+# it was listed (ask S3 about the name instead).
+ABSENT = "absent"
+UNKNOWN = "unknown"
+
+
+class Relisting:
+    """A directory listed again, page by page; lookups of its names wait on it."""
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        self.found: dict[str, Entry] = {}
+        self.listed_through = ""
+        self.done = False
+        self.invalidated = False
+        self.error: FsError | None = None
+        self._progress = trio.Event()
+
+    def advance(self, listed_through: str, done: bool) -> None:
+        self.listed_through = listed_through
+        self.done = done
+        self._wake()
+
+    def finish(self, *, error: FsError | None = None, invalidated: bool = False) -> None:
+        self.error = self.error or error
+        self.invalidated = self.invalidated or invalidated
+        self.done = True
+        self._wake()
+
+    def _wake(self) -> None:
+        progress, self._progress = self._progress, trio.Event()
+        progress.set()
+
+    async def find(self, name: str) -> Entry | str:
+        """The entry ``name`` has in the new listing, ABSENT, or UNKNOWN."""
+        directory_key = self._prefix + name + "/"
+        while True:
+            if self.invalidated:
+                return UNKNOWN
+            if name in self.found:
+                return self.found[name]
+            if self.error is not None:
+                raise self.error
+            if self.done or self.listed_through > directory_key:
+                return ABSENT
+            await self._progress.wait()
 
 
 class Directories:
@@ -44,6 +109,17 @@ class Directories:
         self._ttl = ttl
         self._listings: dict[int, _CachedListing] = {}
         self._cached_entries = 0
+        self._relistings: dict[int, Relisting] = {}
+        self._nursery: trio.Nursery | None = None
+        # Per directory listed completely: its size then, and the lookups in S3 counted
+        # towards listing it again (count, time of the first). They outlive the cached
+        # listing, which any change drops.
+        self._sizes: dict[int, int] = {}
+        self._s3_lookups: dict[int, tuple[int, float]] = {}
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Relistings run in ``nursery``: lookups of several names wait on one."""
+        self._nursery = nursery
 
     def _deadline(self) -> float:
         return time.monotonic() + self._ttl
@@ -121,6 +197,8 @@ class Directories:
                                    etag=info.etag, valid_until=deadline)
 
     def _cache(self, inode: Inode, entries: list[Entry], deadline: float) -> None:
+        self._sizes[inode.ino] = len(entries)
+        self._s3_lookups.pop(inode.ino, None)
         if self._ttl <= 0 or len(entries) > MAX_CACHED_ENTRIES:
             return
         self.forget(inode.ino)
@@ -135,6 +213,73 @@ class Directories:
         cached = self._listings.pop(ino, None)
         if cached is not None:
             self._cached_entries -= len(cached.entries)
+        relisting = self._relistings.pop(ino, None)
+        if relisting is not None:
+            relisting.finish(invalidated=True)
+
+    def drop(self, ino: int) -> None:
+        """The directory ``ino`` is gone from the inode table."""
+        self.forget(ino)
+        self._sizes.pop(ino, None)
+        self._s3_lookups.pop(ino, None)
+
+    def listed_without(self, parent: Inode, name: str, known: Inode | None) -> bool:
+        """Whether a complete listing of ``parent`` within its TTL lacks ``name``, and is
+        newer than what was ``known`` of it: then it is not in S3, as far as the TTL
+        goes. Not for names never seen with an indefinite TTL: a name created elsewhere
+        after the listing is still found by looking it up."""
+        cached = self._listings.get(parent.ino)
+        if cached is None or time.monotonic() >= cached.valid_until or name in cached.names:
+            return False
+        return cached.valid_until > known.valid_until if known is not None else math.isfinite(self._ttl)
+
+    # -- listing again, for lookups of names in S3 ----------------------------------------
+
+    def relisting(self, parent: Inode) -> Relisting | None:
+        """A new listing of ``parent`` to look a name up in: the one running, or a new one
+        when ``parent`` is being gone through (see RELIST_AFTER). None: ask S3 about the
+        name itself. (Whether the name was listed before cannot be told: the kernel
+        forgets the inodes of expired entries as soon as nothing uses them.)"""
+        running = self._relistings.get(parent.ino)
+        if running is not None:
+            return running
+        size = self._sizes.get(parent.ino)
+        if self._nursery is None or self._ttl <= 0 or size is None or size > RELIST_MAX_ENTRIES:
+            return None
+        now = time.monotonic()
+        count, first = self._s3_lookups.get(parent.ino, (0, now))
+        if now - first > 2 * self._ttl:
+            count, first = 0, now
+        self._s3_lookups[parent.ino] = (count + 1, first)
+        if count + 1 < RELIST_AFTER:
+            return None
+        relisting = self._relistings[parent.ino] = Relisting(parent.key)
+        self._nursery.start_soon(self._relist, parent, relisting)
+        return relisting
+
+    async def _relist(self, parent: Inode, relisting: Relisting) -> None:
+        listing = DirectoryListing(self._client, parent.key)
+        entries: list[Entry] = []
+        deadline = self._deadline()
+        try:
+            while not listing.done:
+                batch = await listing.next_batch()
+                if relisting.invalidated:
+                    return  # the directory changed here meanwhile: what was listed may be old
+                deadline = self._deadline()
+                for entry in batch:
+                    self.remember(parent, entry, deadline)
+                    relisting.found[entry.name] = entry
+                entries.extend(batch)
+                relisting.advance(listing.listed_through, listing.done)
+            del self._relistings[parent.ino]  # before _cache, which would call it outdated
+            self._cache(parent, entries, deadline)
+        except ObjectClientError as exc:
+            relisting.finish(error=from_store(exc, during="lookup"))
+        finally:
+            if self._relistings.get(parent.ino) is relisting:
+                del self._relistings[parent.ino]
+            relisting.finish()
 
     # -- mkdir, rmdir --------------------------------------------------------------------
 

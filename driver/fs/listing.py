@@ -37,6 +37,9 @@ class DirectoryListing:
         self._token: str | None = None
         self._started = False
         self.done = False
+        # The last key listed (S3 order). Every name whose key and directory key (name +
+        # "/") sort before it has had its entry returned, if it exists.
+        self.listed_through = ""
         # Files waiting for the listing to pass where their directory twin would sort.
         self._pending: deque[tuple[str, Entry]] = deque()
         self._dirs_seen: set[str] = set()
@@ -64,6 +67,7 @@ class DirectoryListing:
         )
         for key, info in items:
             self._release_before(key, out)
+            self.listed_through = key
             name = child_name(self._prefix, key)
             if name is None:
                 continue  # hidden, or the directory's own marker

@@ -1,9 +1,10 @@
-"""The real object client: boto3 for metadata requests, awscrt for object data.
+"""The real object client: awscrt for reads, boto3 for everything else.
 
-Listing, HEAD and bucket checks are few and small: boto3, in worker threads, is the
-simplest correct client for them. Object bytes are the data path: awscrt's S3 client runs
-the HTTP requests on native threads without the GIL and hands each response body to
-Python in one piece, so the FUSE loop keeps the interpreter (measured in docs/ARCHITECTURE.md).
+Reads are what a mount does most: ranged GETs of object data, HEADs and listings.
+awscrt's S3 client runs them on native threads without the GIL (driver.s3.crt), so the
+FUSE loop keeps the interpreter and a request costs a quarter of boto3's CPU (measured in
+docs/ARCHITECTURE.md and docs/PERFORMANCE.md). Uploads, deletes and bucket checks go
+through boto3 in worker threads: it knows their rules, and for uploads it is as fast.
 Both use one credential source: boto3's provider chain, read by awscrt through a delegate.
 """
 
@@ -25,7 +26,7 @@ from driver import credentials
 from driver.config import S3Settings
 from driver.credentials import CredentialError
 from driver.s3 import api, options
-from driver.s3.crt import CrtDataPath
+from driver.s3.crt import CrtRequests
 
 log = structlog.get_logger("pail.s3")
 
@@ -131,11 +132,10 @@ class S3ObjectClient:
         # Uploads go through boto3: as fast here, and awscrt keeps each upload's body in
         # its buffer pool besides ours, which doubled a writer's memory (ARCHITECTURE.md).
         self._uploads = _BotoDataPath(self)
-        self._data: CrtDataPath | _BotoDataPath
-        if os.environ.get("PAIL_DATA_PATH", "crt") == "boto3":
-            self._data = self._uploads
-        else:
-            self._data = CrtDataPath(settings, region, self._session)
+        self._crt: CrtRequests | None = None
+        self._data: CrtRequests | _BotoDataPath = self._uploads
+        if os.environ.get("PAIL_DATA_PATH", "crt") != "boto3":
+            self._crt = self._data = CrtRequests(settings, region, self._session)
 
     # -- boto3, in threads -----------------------------------------------------------------
 
@@ -155,12 +155,17 @@ class S3ObjectClient:
         await trio.to_thread.run_sync(_head_bucket, self._boto, self.settings, limiter=self._limiter)
 
     async def head_object(self, key: str) -> api.ObjectInfo:
+        if self._crt is not None:
+            return await self._crt.head_object(key)
         response = await self.call("HeadObject", key, Key=key)
         return api.ObjectInfo(key=key, size=response["ContentLength"], etag=response["ETag"],
                               mtime=response["LastModified"].timestamp())
 
     async def list_objects(self, prefix: str, *, delimiter: str = "/",
                            continuation_token: str | None = None, max_keys: int = 1000) -> api.ListPage:
+        if self._crt is not None:
+            return await self._crt.list_objects(prefix, delimiter=delimiter, continuation_token=continuation_token,
+                                                max_keys=max_keys)
         params: dict[str, Any] = {"Prefix": prefix, "MaxKeys": max_keys}
         if delimiter:
             params["Delimiter"] = delimiter

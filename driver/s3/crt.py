@@ -1,13 +1,17 @@
-"""Object data through awscrt's S3 client, awaited from trio without a thread per request.
+"""Reads through awscrt's S3 client, awaited from trio without a thread per request:
+object data (ranged GETs), HEAD and ListObjectsV2.
 
-awscrt runs the HTTP requests on its own native threads, without the GIL, and hands each
-response body to Python in one piece: the FUSE loop keeps the interpreter.
+awscrt signs and runs the HTTP requests on its own native threads, without the GIL, and
+hands each response body to Python in one piece: the FUSE loop keeps the interpreter.
+Measured against a local SeaweedFS, a HEAD costs 1 ms of CPU this way against 4 ms
+through boto3, and a page of 1,000 listed keys 17 ms against 200 ms.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import email.utils
 import io
 import os
 import re
@@ -25,6 +29,7 @@ import trio
 
 from driver.config import S3Settings
 from driver.s3 import api, options
+from driver.s3.list_xml import ListParseError, parse_list_page
 
 # requests at or below it, so one request of ours is one HTTP GET.
 CRT_PART_SIZE = 8 * 1024 * 1024
@@ -32,8 +37,8 @@ CRT_PART_SIZE = 8 * 1024 * 1024
 CRT_MEMORY_LIMIT = 1024 * 1024 * 1024
 
 
-class CrtDataPath:
-    """Ranged GETs through awscrt's S3 client, awaited from trio without a thread each."""
+class CrtRequests:
+    """GET, HEAD and LIST requests through awscrt's S3 client."""
 
     def __init__(self, settings: S3Settings, region: str, session: boto3.Session) -> None:
         self._settings = settings
@@ -88,6 +93,34 @@ class CrtDataPath:
             return parts[0][1]
         parts.sort(key=lambda p: p[0])
         return b"".join(chunk for _, chunk in parts)
+
+    async def head_object(self, key: str) -> api.ObjectInfo:
+        headers = await self._send("HEAD", key, "", [], operation="HeadObject")
+        try:
+            return api.ObjectInfo(key=key, size=int(headers["content-length"]), etag=headers.get("etag", ""),
+                                  mtime=email.utils.parsedate_to_datetime(headers["last-modified"]).timestamp())
+        except (KeyError, ValueError, TypeError) as exc:
+            raise api.ObjectClientError(f"HeadObject {key}: unusable response headers ({exc})",
+                                        operation="HeadObject") from None
+
+    async def list_objects(self, prefix: str, *, delimiter: str = "/", continuation_token: str | None = None,
+                           max_keys: int = 1000) -> api.ListPage:
+        params = {"list-type": "2", "prefix": prefix, "max-keys": str(max_keys), "encoding-type": "url"}
+        if delimiter:
+            params["delimiter"] = delimiter
+        if continuation_token:
+            params["continuation-token"] = continuation_token
+        query = "?" + "&".join(f"{name}={quote(value, safe='-_.~')}" for name, value in sorted(params.items()))
+        body: list[bytes] = []
+
+        def on_body(chunk: bytes, **_: Any) -> None:
+            body.append(chunk)  # in order: a DEFAULT request is one HTTP response
+
+        await self._send("GET", "", query, [], operation="ListObjectsV2", on_body=on_body)
+        try:
+            return parse_list_page(b"".join(body))
+        except ListParseError as exc:
+            raise api.ObjectClientError(f"ListObjectsV2 {prefix or '/'}: {exc}", operation="ListObjectsV2") from None
 
     async def _send(self, method: str, key: str, query: str, headers: list[tuple[str, str]], *,
                     operation: str, on_body: Callable[..., None] | None = None,

@@ -241,3 +241,115 @@ def test_a_name_found_later_refreshes_the_cached_listing():
     before, after = run(client, body, metadata_ttl=math.inf)
     assert sorted(before) == [".", "..", "old"]
     assert sorted(after) == [".", "..", "new", "old"]
+
+
+# -- going through a directory after its TTL: one listing, not a HEAD per name ---------------
+
+TTL = 0.05
+
+
+async def _expire():
+    await trio.sleep(TTL * 1.5)
+
+
+def _operations(client):
+    return [c.operation for c in client.calls]
+
+
+def test_names_looked_up_again_after_the_ttl_are_answered_by_one_new_listing():
+    client = MemoryClient()
+    for i in range(50):
+        client.put(f"d/f{i:02d}", b"x" * i)
+
+    async def body(fs):
+        d = await fs.lookup(ROOT_INODE, "d")
+        await listdir(fs, d.ino)
+        await _expire()
+        client.put("d/f10", b"changed meanwhile")
+        client.delete("d/f20")
+        client.put("d/f30/inner", b"now also a directory")
+        client.calls.clear()
+        found = {}
+        for i in range(50):
+            try:
+                found[i] = await fs.lookup(d.ino, f"f{i:02d}")
+            except FsError as exc:
+                found[i] = exc.errno
+        return found, _operations(client)
+
+    found, operations = run(client, body, metadata_ttl=TTL)
+    # The first two expired names are asked about one by one (HEAD and LIST each), the
+    # third starts a new listing of the directory that answers all the others.
+    assert sorted(operations[:2]) == sorted(operations[2:4]) == ["HeadObject", "ListObjectsV2"]
+    assert operations[4:] == ["ListObjectsV2"]
+    assert found[10].size == len(b"changed meanwhile")
+    assert found[20] == errno.ENOENT
+    assert found[30].is_dir
+    assert [found[i].size for i in (0, 1, 2, 49)] == [0, 1, 2, 49]
+
+
+def test_a_failed_relisting_is_the_lookups_error():
+    client = MemoryClient()
+    for i in range(5):
+        client.put(f"d/f{i}", b"x")
+
+    async def body(fs):
+        d = await fs.lookup(ROOT_INODE, "d")
+        await listdir(fs, d.ino)
+        await _expire()
+        for i in range(2):
+            await fs.lookup(d.ino, f"f{i}")
+        client.failures["ListObjectsV2"] = 1
+        with pytest.raises(FsError) as excinfo:
+            await fs.lookup(d.ino, "f2")
+        return errno_of(excinfo), await fs.lookup(d.ino, "f3")
+
+    code, later = run(client, body, metadata_ttl=TTL)
+    assert code == errno.EIO
+    assert later.size == 1  # the next lookup asks again
+
+
+def test_a_directory_changed_by_this_mount_while_relisted_answers_from_s3(monkeypatch):
+    client = MemoryClient(latency=0.01)
+    for i in range(5):
+        client.put(f"d/f{i}", b"x")
+
+    async def body(fs):
+        d = await fs.lookup(ROOT_INODE, "d")
+        await listdir(fs, d.ino)
+        await _expire()
+        for i in range(2):
+            await fs.lookup(d.ino, f"f{i}")
+        async with trio.open_nursery() as nursery:
+            results = {}
+
+            async def look(name):
+                results[name] = await fs.lookup(d.ino, name)
+
+            nursery.start_soon(look, "f2")  # starts the relisting
+            await trio.sleep(0)
+            fs.directories.forget(d.ino)  # what an unlink or a finished upload does
+            nursery.start_soon(look, "f3")
+        return results
+
+    results = run(client, body, metadata_ttl=TTL, allow_delete=True)
+    assert sorted(results) == ["f2", "f3"] and all(r.size == 1 for r in results.values())
+
+
+def test_large_directories_are_not_listed_again_for_a_lookup(monkeypatch):
+    monkeypatch.setattr("driver.fs.directories.RELIST_MAX_ENTRIES", 10)
+    client = MemoryClient()
+    for i in range(11):
+        client.put(f"d/f{i:02d}", b"x")
+
+    async def body(fs):
+        d = await fs.lookup(ROOT_INODE, "d")
+        await listdir(fs, d.ino)
+        await _expire()
+        client.calls.clear()
+        for i in range(11):
+            await fs.lookup(d.ino, f"f{i:02d}")
+        return _operations(client)
+
+    operations = run(client, body, metadata_ttl=TTL)
+    assert sorted(operations) == ["HeadObject"] * 11 + ["ListObjectsV2"] * 11

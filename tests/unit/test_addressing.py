@@ -8,12 +8,12 @@ import pytest
 
 from driver.config import S3Settings
 from driver.mount import _without_userinfo
-from driver.s3.crt import CrtDataPath
+from driver.s3.crt import CrtRequests
 
 
 def address(settings: S3Settings, region: str = "us-west-2"):
     session = boto3.Session(aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="secret", region_name=region)
-    data = CrtDataPath(settings, region, session)
+    data = CrtRequests(settings, region, session)
     return data._scheme, data._host, data._base_path
 
 
