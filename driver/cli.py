@@ -249,9 +249,14 @@ def _check_before_mount(config: MountConfig):
 
 def mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
     config = config_from_args(args)
-    region, session = _check_before_mount(config)
     if not config.foreground:
-        return _mount_in_background(argv, region)
+        # The mount process checks the bucket and says why it cannot mount: checking here
+        # too would double the wait (an interpreter importing boto3, a HeadBucket).
+        problem = check_mount_directory(config.mountpoint)
+        if problem:
+            raise CommandError(problem, readiness.DIRECTORY)
+        return _mount_in_background(argv)
+    region, session = _check_before_mount(config)
     from driver.mount import run_mount
 
     logging_setup.configure(config.log_format, debug=config.debug, path=config.log_file,
@@ -259,11 +264,10 @@ def mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return run_mount(config, region, session, ready_fd=args.ready_fd)
 
 
-def _mount_in_background(argv: Sequence[str], region: str) -> int:
+def _mount_in_background(argv: Sequence[str]) -> int:
     """Run the same mount with --foreground in a new session; wait until it answers."""
     read_end, write_end = os.pipe()
-    command = [sys.executable, "-m", "driver", *argv, "--foreground", "--region", region,
-               "--ready-fd", str(write_end)]
+    command = [sys.executable, "-m", "driver", *argv, "--foreground", "--ready-fd", str(write_end)]
     with open(os.devnull, "r+b") as devnull:
         child = subprocess.Popen(command, stdin=devnull, stdout=devnull, stderr=devnull,
                                  pass_fds=[write_end], start_new_session=True, close_fds=True)

@@ -16,8 +16,7 @@ import trio
 from driver import readiness
 from driver.config import MountConfig
 from driver.fuse.session import serve
-from driver.s3 import api
-from driver.s3.client import S3ObjectClient, describe_bucket_error
+from driver.s3.client import S3ObjectClient
 
 log = structlog.get_logger("pail.mount")
 
@@ -47,20 +46,12 @@ def run_mount(config: MountConfig, region: str, session=None, *, ready_fd: int |
              read_only=config.fs.read_only, metadata_ttl=config.fs.metadata_ttl)
 
     async def main() -> None:
+        # The bucket was checked just before (cli._check_before_mount).
         client = S3ObjectClient(config.s3, region, session=session)
-        try:
-            await client.head_bucket()
-        except api.ObjectClientError as exc:
-            await client.aclose()
-            raise _StartError(readiness.kind_of(exc), describe_bucket_error(exc, config.s3)) from None
         await serve(config, client, on_ready=lambda: parent.say(readiness.READY))
 
     try:
         trio.run(main)
-    except _StartError as exc:
-        log.error("mount failed", reason=exc.message)
-        parent.say(readiness.error_line(exc.kind, exc.message))
-        return 1
     except RuntimeError as exc:  # pyfuse3.init: the kernel refused the mount
         log.error("mount failed", reason=str(exc))
         parent.say(readiness.error_line(readiness.MOUNT_FAILED, f"mounting {config.mountpoint} failed: {exc}"))
@@ -69,13 +60,6 @@ def run_mount(config: MountConfig, region: str, session=None, *, ready_fd: int |
         parent.say(readiness.error_line(readiness.INTERNAL, f"{type(exc).__name__}: {exc}"))
         raise
     return 0
-
-
-class _StartError(Exception):
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
 
 
 def _without_userinfo(url: str | None) -> str | None:
