@@ -51,14 +51,17 @@ class Mounts:
         pail = Path(sys.executable).with_name("pail")
         self.pail = [str(pail)] if pail.exists() else [sys.executable, "-m", "driver"]
 
-    def mount(self, server, bucket: str, endpoint: str, data_path: str) -> tuple[str, int, Path]:
+    def mount(self, server, bucket: str, endpoint: str, data_path: str | None) -> tuple[str, int, Path]:
+        """``data_path`` None: Pail's default, whatever it is (bench.compare measures that)."""
         self.count += 1
-        directory = self.workdir / f"mnt-{self.count}-{data_path}"
+        name = f"mnt-{self.count}-{data_path or 'default'}"
+        directory = self.workdir / name
         directory.mkdir()
-        log_path = self.workdir / f"mnt-{self.count}-{data_path}.log"
+        log_path = self.workdir / f"{name}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "PAIL_DATA_PATH"}
         env.update(server.env())
-        env["PAIL_DATA_PATH"] = data_path
+        if data_path is not None:
+            env["PAIL_DATA_PATH"] = data_path
         self.live[str(directory)] = None
         result = subprocess.run(
             [*self.pail, "mount", bucket, str(directory), "--endpoint-url", endpoint, "--region", REGION,

@@ -17,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -148,17 +149,39 @@ def drop_caches() -> bool:
         return False
 
 
-def warm(directory: Path) -> float:
-    """Read every file under ``directory`` (the server's data) into the page cache."""
-    total = 0
-    buf = bytearray(8 * MiB)
+WARM_CHUNK = 64 * MiB
+WARM_THREADS = 8  # a virtual disk reads about 4x faster with several reads in flight than with one
+
+
+def warm(directory: Path) -> int:
+    """Read every file under ``directory`` (the server's data) into the page cache, in
+    chunks from several threads at once (preadv releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = []
     for path in directory.rglob("*"):
         with contextlib.suppress(OSError):
             if path.is_file() and not path.is_symlink():
-                with open(path, "rb", buffering=0) as f:
-                    while n := f.readinto(buf):
-                        total += n
-    return total
+                size = path.stat().st_size
+                chunks += [(path, offset) for offset in range(0, size, WARM_CHUNK)]
+    buffers = threading.local()
+
+    def read(chunk: tuple[Path, int]) -> int:
+        path, offset = chunk
+        buf = getattr(buffers, "buf", None) or bytearray(8 * MiB)
+        buffers.buf = buf
+        done = 0
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                while done < WARM_CHUNK and (n := os.preadv(fd, [buf], offset + done)):
+                    done += n
+            finally:
+                os.close(fd)
+        return min(done, WARM_CHUNK)
+
+    with ThreadPoolExecutor(WARM_THREADS) as pool:
+        return sum(pool.map(read, chunks))
 
 
 def settle() -> dict:

@@ -1,6 +1,6 @@
-"""The sequential-read and sequential-write benchmarks run end to end (on a tiny object)
-and report a speed for every variant. Benchmarks never fail on timing: no threshold is
-checked here."""
+"""The sequential-read, sequential-write and comparative benchmarks run end to end (on a
+tiny object) and report a speed for every variant. Benchmarks never fail on timing: no
+threshold is checked here."""
 
 from __future__ import annotations
 
@@ -49,3 +49,30 @@ def test_seq_write_benchmark_runs_end_to_end(tmp_path):
     assert 1 <= trace["max_parts_in_flight"] <= 4
     assert trace["parts_sent_before_close"] >= 1  # uploaded while written, not at close
     assert (tmp_path / "seq_write.md").read_text().count("| Pail mount") == 1
+
+
+def test_compare_benchmark_runs_end_to_end(tmp_path):
+    """One tiny workload of the comparative benchmark, Pail and the raw client only (s3fs
+    and rclone are not test dependencies; the PNG is written only where matplotlib is)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.compare", "--scale", "small", "--size-mib", "8", "--runs", "1",
+         "--only", "seq_read", "--clients", "pail,raw", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "compare.json").read_text())
+    assert list(report["workloads"]) == ["seq_read"]
+    clients = report["workloads"]["seq_read"]["clients"]
+    assert set(clients) == {"pail", "raw"}
+    for name, client in clients.items():
+        [run] = client["runs"]
+        assert "error" not in run, run
+        assert run["bytes"] == 8 * 1024 * 1024, name  # every byte of the object, through each client
+        assert client["summaries"]["mb_s"]["median"] == run["mb_s"] > 0, name
+    pail = clients["pail"]["runs"][0]
+    assert pail["peak_rss_mib"] > 0 and pail["mount_s"] > 0 and pail["page_cache_dropped"] is True
+    ratio = report["ratios"]["seq_read"]["pail/raw"]
+    assert ratio == clients["pail"]["summaries"]["mb_s"]["median"] / clients["raw"]["summaries"]["mb_s"]["median"]
+    assert report["machine"]["load_avg_before"] and report["versions"].keys() == {"s3fs", "rclone"}
+    table = (tmp_path / "compare.md").read_text()
+    assert "| sequential read, 8 MiB object | MB/s | higher |" in table
+    assert f"{ratio:.2f} |" in table
