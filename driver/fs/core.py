@@ -143,11 +143,10 @@ class Filesystem:
         try:
             found = await self._ask_s3(parent, name, was_dir=before is not None and before.is_dir)
         except FsError as exc:
-            if exc.errno == errno.ENOENT and before is not None:
-                self.directories.forget(parent.ino)  # the cached listing shows a name now gone
+            if exc.errno == errno.ENOENT:
+                self.directories.contradicted(parent, name, None)
             raise
-        if before is None or before.kind is not found.kind:
-            self.directories.forget(parent.ino)  # the cached listing lacks this name or kind
+        self.directories.contradicted(parent, name, found.kind)
         return found
 
     async def _ask_s3(self, parent: Inode, name: str, *, was_dir: bool) -> Inode:

@@ -23,11 +23,13 @@ from driver.s3.api import ObjectClient, ObjectClientError
 
 # Entries of complete listings kept for reuse within the TTL, all directories together.
 MAX_CACHED_ENTRIES = 200_000
-# When this many names of a directory listed before were looked up in S3 (within two
-# TTLs), the directory is listed again instead of asking S3 about each name:
-# a program going through a directory (`cat dir/*`, a training epoch) then costs one LIST
-# per 1,000 files a TTL, not a HEAD and a LIST per file. Only for directories whose last
-# listing had at most RELIST_MAX_ENTRIES entries: a lookup waits for the pages before it.
+# When this many names of one directory were looked up in S3 (within two TTLs), the
+# directory is listed (again) instead of asking S3 about each name: a program going
+# through a directory (`cat dir/*`, a training epoch) then costs one LIST per 1,000 files
+# a TTL, not a HEAD and a LIST per file. Lookups wait for the page that decides their name
+# only in directories whose last full listing had at most RELIST_MAX_ENTRIES entries;
+# a directory never listed is listed up to that many entries, and lookups use what has
+# arrived.
 RELIST_AFTER = 3
 RELIST_MAX_ENTRIES = 10_000
 
@@ -45,42 +47,48 @@ class DirHandle:
 class _CachedListing:
     entries: list[Entry]
     valid_until: float
-    _names: frozenset[str] | None = None
+    _names: dict[str, bool] | None = None
 
     @property
-    def names(self) -> frozenset[str]:
+    def names(self) -> dict[str, bool]:
+        """Name -> whether it is a directory."""
         if self._names is None:
-            self._names = frozenset(entry.name for entry in self.entries)
+            self._names = {entry.name: entry.is_dir for entry in self.entries}
         return self._names
 
 
-# What a Relisting knows of a name: UNKNOWN when the directory changed in this mount while
-# it was listed (ask S3 about the name instead).
+# What a Relisting knows of a name: UNKNOWN when it cannot tell (ask S3 about the name).
 ABSENT = "absent"
 UNKNOWN = "unknown"
 
 
 class Relisting:
-    """A directory listed again, page by page; lookups of its names wait on it."""
+    """A directory listed again, page by page, to answer lookups of its names.
 
-    def __init__(self, prefix: str) -> None:
+    Lookups wait for the page that decides their name when the directory's size is known
+    to be small (``waits``); otherwise they take what is listed already and ask S3 about
+    names not reached yet."""
+
+    def __init__(self, prefix: str, *, waits: bool) -> None:
         self._prefix = prefix
+        self.waits = waits
         self.found: dict[str, Entry] = {}
         self.listed_through = ""
-        self.done = False
+        self.complete = False  # the whole directory is listed
+        self.ended = False  # complete, or stopped (error, change, size cap)
         self.invalidated = False
         self.error: FsError | None = None
         self._progress = trio.Event()
 
-    def advance(self, listed_through: str, done: bool) -> None:
+    def advance(self, listed_through: str, complete: bool) -> None:
         self.listed_through = listed_through
-        self.done = done
+        self.complete = complete
         self._wake()
 
     def finish(self, *, error: FsError | None = None, invalidated: bool = False) -> None:
         self.error = self.error or error
         self.invalidated = self.invalidated or invalidated
-        self.done = True
+        self.ended = True
         self._wake()
 
     def _wake(self) -> None:
@@ -95,10 +103,12 @@ class Relisting:
                 return UNKNOWN
             if name in self.found:
                 return self.found[name]
-            if self.error is not None:
-                raise self.error
-            if self.done or self.listed_through > directory_key:
+            if self.complete or self.listed_through > directory_key:
                 return ABSENT
+            if self.error is not None and self.waits:
+                raise self.error
+            if self.ended or not self.waits:
+                return UNKNOWN
             await self._progress.wait()
 
 
@@ -217,6 +227,17 @@ class Directories:
         if relisting is not None:
             relisting.finish(invalidated=True)
 
+    def contradicted(self, parent: Inode, name: str, kind: Kind | None) -> None:
+        """S3 just said ``name`` is of ``kind`` (None: does not exist): drop the cached
+        listing of ``parent`` if it says otherwise."""
+        cached = self._listings.get(parent.ino)
+        if cached is None:
+            return
+        is_dir = cached.names.get(name)
+        listed_kind = None if is_dir is None else (Kind.DIR if is_dir else Kind.FILE)
+        if listed_kind is not kind:
+            self.forget(parent.ino)
+
     def drop(self, ino: int) -> None:
         """The directory ``ino`` is gone from the inode table."""
         self.forget(ino)
@@ -243,8 +264,8 @@ class Directories:
         running = self._relistings.get(parent.ino)
         if running is not None:
             return running
-        size = self._sizes.get(parent.ino)
-        if self._nursery is None or self._ttl <= 0 or size is None or size > RELIST_MAX_ENTRIES:
+        size = self._sizes.get(parent.ino)  # None: never listed in full
+        if self._nursery is None or self._ttl <= 0 or (size is not None and size > RELIST_MAX_ENTRIES):
             return None
         now = time.monotonic()
         count, first = self._s3_lookups.get(parent.ino, (0, now))
@@ -253,7 +274,7 @@ class Directories:
         self._s3_lookups[parent.ino] = (count + 1, first)
         if count + 1 < RELIST_AFTER:
             return None
-        relisting = self._relistings[parent.ino] = Relisting(parent.key)
+        relisting = self._relistings[parent.ino] = Relisting(parent.key, waits=size is not None)
         self._nursery.start_soon(self._relist, parent, relisting)
         return relisting
 
@@ -263,6 +284,9 @@ class Directories:
         deadline = self._deadline()
         try:
             while not listing.done:
+                if len(entries) > RELIST_MAX_ENTRIES:
+                    self._sizes[parent.ino] = len(entries)  # at least: not again until listed in full
+                    return
                 batch = await listing.next_batch()
                 if relisting.invalidated:
                     return  # the directory changed here meanwhile: what was listed may be old

@@ -353,3 +353,27 @@ def test_large_directories_are_not_listed_again_for_a_lookup(monkeypatch):
 
     operations = run(client, body, metadata_ttl=TTL)
     assert sorted(operations) == ["HeadObject"] * 11 + ["ListObjectsV2"] * 11
+
+
+def test_names_of_a_directory_never_listed_are_answered_by_a_listing_once_it_arrives():
+    """`cat dir/a dir/b ...` by name: no readdir, a lookup per name."""
+    client = MemoryClient(latency=0.001)
+    for i in range(40):
+        client.put(f"d/f{i:02d}", b"x" * i)
+
+    async def body(fs):
+        d = await fs.lookup(ROOT_INODE, "d")
+        client.calls.clear()
+        found = [await fs.lookup(d.ino, f"f{i:02d}") for i in range(40)]
+        with pytest.raises(FsError) as missing:
+            await fs.lookup(d.ino, "f99")
+        return found, errno_of(missing), [(c.operation, c.key) for c in client.calls]
+
+    found, missing, calls = run(client, body, metadata_ttl=60)
+    assert [f.size for f in found] == list(range(40)) and missing == errno.ENOENT
+    # Three names asked about one by one (the third starts listing "d/" and does not wait
+    # for it), the rest answered by the listing, the missing name too.
+    assert calls.count(("ListObjectsV2", "d/")) == 1
+    assert len([c for c in calls if c[0] == "HeadObject"]) == 3
+    assert len(calls) == 7
+
