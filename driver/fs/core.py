@@ -127,18 +127,21 @@ class Filesystem:
 
     async def _lookup_remote(self, parent: Inode, name: str) -> Inode:
         known = self.inodes.child(parent.ino, name)
-        if self.directories.listed_without(parent, name, known):
+        listed = self.directories.listed(parent, name, known)
+        if listed is ABSENT:
             self.inodes.remove_child(parent.ino, name)
             raise FsError(errno.ENOENT, "no such object or prefix")
+        if listed is not None:
+            return self.directories.remember(parent, listed, self.directories.valid_until(parent))
         relisting = self.directories.relisting(parent)
         if relisting is not None:
             found = await relisting.find(name)
             if found is ABSENT:
                 self.inodes.remove_child(parent.ino, name)
                 raise FsError(errno.ENOENT, "no such object or prefix")
-            inode = self.inodes.child(parent.ino, name)
-            if found is not UNKNOWN and inode is not None:
-                return inode  # the relisting remembered it
+            if found is not UNKNOWN:
+                entry, valid_until = found
+                return self.directories.remember(parent, entry, valid_until)
         before = self.inodes.child(parent.ino, name)
         try:
             found = await self._ask_s3(parent, name, was_dir=before is not None and before.is_dir)

@@ -47,14 +47,13 @@ class DirHandle:
 class _CachedListing:
     entries: list[Entry]
     valid_until: float
-    _names: dict[str, bool] | None = None
+    _by_name: dict[str, Entry] | None = None
 
     @property
-    def names(self) -> dict[str, bool]:
-        """Name -> whether it is a directory."""
-        if self._names is None:
-            self._names = {entry.name: entry.is_dir for entry in self.entries}
-        return self._names
+    def by_name(self) -> dict[str, Entry]:
+        if self._by_name is None:
+            self._by_name = {entry.name: entry for entry in self.entries}
+        return self._by_name
 
 
 # What a Relisting knows of a name: UNKNOWN when it cannot tell (ask S3 about the name).
@@ -72,7 +71,7 @@ class Relisting:
     def __init__(self, prefix: str, *, waits: bool) -> None:
         self._prefix = prefix
         self.waits = waits
-        self.found: dict[str, Entry] = {}
+        self.found: dict[str, tuple[Entry, float]] = {}  # name -> entry, valid until
         self.listed_through = ""
         self.complete = False  # the whole directory is listed
         self.ended = False  # complete, or stopped (error, change, size cap)
@@ -95,8 +94,9 @@ class Relisting:
         progress, self._progress = self._progress, trio.Event()
         progress.set()
 
-    async def find(self, name: str) -> Entry | str:
-        """The entry ``name`` has in the new listing, ABSENT, or UNKNOWN."""
+    async def find(self, name: str) -> tuple[Entry, float] | str:
+        """The entry ``name`` has in the new listing and until when it is valid, ABSENT,
+        or UNKNOWN."""
         directory_key = self._prefix + name + "/"
         while True:
             if self.invalidated:
@@ -233,8 +233,8 @@ class Directories:
         cached = self._listings.get(parent.ino)
         if cached is None:
             return
-        is_dir = cached.names.get(name)
-        listed_kind = None if is_dir is None else (Kind.DIR if is_dir else Kind.FILE)
+        entry = cached.by_name.get(name)
+        listed_kind = None if entry is None else (Kind.DIR if entry.is_dir else Kind.FILE)
         if listed_kind is not kind:
             self.forget(parent.ino)
 
@@ -244,15 +244,25 @@ class Directories:
         self._sizes.pop(ino, None)
         self._s3_lookups.pop(ino, None)
 
-    def listed_without(self, parent: Inode, name: str, known: Inode | None) -> bool:
-        """Whether a complete listing of ``parent`` within its TTL lacks ``name``, and is
-        newer than what was ``known`` of it: then it is not in S3, as far as the TTL
-        goes. Not for names never seen with an indefinite TTL: a name created elsewhere
-        after the listing is still found by looking it up."""
+    def listed(self, parent: Inode, name: str, known: Inode | None) -> Entry | str | None:
+        """What a complete listing of ``parent`` within its TTL, newer than what was
+        ``known`` of the name, says of it: its entry, or ABSENT (not in S3, as far as the
+        TTL goes). None: no such listing. A name never seen is not ABSENT with an
+        indefinite TTL: a name created elsewhere after the listing is still found by
+        looking it up."""
         cached = self._listings.get(parent.ino)
-        if cached is None or time.monotonic() >= cached.valid_until or name in cached.names:
-            return False
-        return cached.valid_until > known.valid_until if known is not None else math.isfinite(self._ttl)
+        if cached is None or time.monotonic() >= cached.valid_until:
+            return None
+        if known is not None and cached.valid_until <= known.valid_until:
+            return None
+        entry = cached.by_name.get(name)
+        if entry is not None:
+            return entry
+        return ABSENT if known is not None or math.isfinite(self._ttl) else None
+
+    def valid_until(self, parent: Inode) -> float:
+        cached = self._listings.get(parent.ino)
+        return cached.valid_until if cached is not None else 0.0
 
     # -- listing again, for lookups of names in S3 ----------------------------------------
 
@@ -292,8 +302,9 @@ class Directories:
                     return  # the directory changed here meanwhile: what was listed may be old
                 deadline = self._deadline()
                 for entry in batch:
-                    self.remember(parent, entry, deadline)
-                    relisting.found[entry.name] = entry
+                    # Not remembered as inodes here: only the names looked up become
+                    # inodes, with a kernel reference that frees them again.
+                    relisting.found[entry.name] = (entry, deadline)
                 entries.extend(batch)
                 relisting.advance(listing.listed_through, listing.done)
             del self._relistings[parent.ino]  # before _cache, which would call it outdated
