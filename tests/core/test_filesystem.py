@@ -252,6 +252,19 @@ async def _expire():
     await trio.sleep(TTL * 1.5)
 
 
+async def _two_lookups_after_the_ttl(fs, client, files):
+    """``d`` with ``files`` listed, the TTL run out, two names asked about in S3: the next
+    lookup starts a relisting."""
+    for i in range(files):
+        client.put(f"d/f{i}", b"x")
+    d = await fs.lookup(ROOT_INODE, "d")
+    await listdir(fs, d.ino)
+    await _expire()
+    for i in range(2):
+        await fs.lookup(d.ino, f"f{i}")
+    return d
+
+
 def _operations(client):
     return [c.operation for c in client.calls]
 
@@ -290,15 +303,9 @@ def test_names_looked_up_again_after_the_ttl_are_answered_by_one_new_listing():
 
 def test_a_failed_relisting_is_the_lookups_error():
     client = MemoryClient()
-    for i in range(5):
-        client.put(f"d/f{i}", b"x")
 
     async def body(fs):
-        d = await fs.lookup(ROOT_INODE, "d")
-        await listdir(fs, d.ino)
-        await _expire()
-        for i in range(2):
-            await fs.lookup(d.ino, f"f{i}")
+        d = await _two_lookups_after_the_ttl(fs, client, 5)
         client.failures["ListObjectsV2"] = 1
         with pytest.raises(FsError) as excinfo:
             await fs.lookup(d.ino, "f2")
@@ -309,17 +316,11 @@ def test_a_failed_relisting_is_the_lookups_error():
     assert later.size == 1  # the next lookup asks again
 
 
-def test_a_directory_changed_by_this_mount_while_relisted_answers_from_s3(monkeypatch):
+def test_a_directory_changed_by_this_mount_while_relisted_answers_from_s3():
     client = MemoryClient(latency=0.01)
-    for i in range(5):
-        client.put(f"d/f{i}", b"x")
 
     async def body(fs):
-        d = await fs.lookup(ROOT_INODE, "d")
-        await listdir(fs, d.ino)
-        await _expire()
-        for i in range(2):
-            await fs.lookup(d.ino, f"f{i}")
+        d = await _two_lookups_after_the_ttl(fs, client, 5)
         async with trio.open_nursery() as nursery:
             results = {}
 
