@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tomllib
@@ -154,13 +155,55 @@ def run_script(command: list[str | Path], env: dict[str, str]) -> None:
         f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
 
 
-@pytest.fixture(scope="module")
-def image_env(tmp_path_factory) -> ImageEnvironment:
+@dataclass
+class WheelBuild:
+    """scripts/build-wheels running in the background."""
+
+    process: subprocess.Popen
+    base: Path
+    wheels: Path
+    output: Path
+
+    def wait(self) -> None:
+        returncode = self.process.wait()
+        output = self.output.read_text(errors="replace")
+        assert returncode == 0, f"scripts/build-wheels {self.wheels} failed ({returncode}):\n{output[-8000:]}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)  # the script, and the pip and gcc it runs
+            self.process.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def wheel_build(request, tmp_path_factory):
+    """The build of the image's wheels, started with the module's first test when any
+    test of this run needs it. It is the same build, from nothing, as in the image_env
+    fixture that waits for it; starting it early lets it compile pyfuse3 (on one core)
+    while the tests before it run, the arm64 check above all, which spends half a minute
+    asking the index."""
+    if not any("image_env" in item.fixturenames for item in request.session.items
+               if getattr(item, "module", None) is request.module):
+        yield None
+        return
     base = tmp_path_factory.mktemp("image")
-    wheels, venv = base / "wheels", base / "opt-pail"
+    wheels, output = base / "wheels", base / "build-wheels.log"
     # The interpreter running the tests: the same Python version as the image's.
     env = {**os.environ, "PYTHON": sys.executable}
-    run_script([SCRIPTS / "build-wheels", wheels], env)
+    with open(output, "wb") as log:
+        process = subprocess.Popen([str(SCRIPTS / "build-wheels"), str(wheels)], stdin=subprocess.DEVNULL,
+                                   stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    build = WheelBuild(process=process, base=base, wheels=wheels, output=output)
+    try:
+        yield build
+    finally:
+        build.stop()
+
+
+@pytest.fixture(scope="module")
+def image_env(wheel_build: WheelBuild) -> ImageEnvironment:
+    wheel_build.wait()
+    base, wheels, venv = wheel_build.base, wheel_build.wheels, wheel_build.base / "opt-pail"
     run_script([SCRIPTS / "install-wheels", wheels, venv], {**offline_env(), "PYTHON": sys.executable})
     workdir = base / "work"
     workdir.mkdir()

@@ -96,19 +96,11 @@ def bucket(s3_server: S3Server):
 
 
 def _delete_bucket(server: S3Server, name: str) -> None:
-    """Best effort: abort uploads, delete objects, delete the bucket."""
+    """Best effort: the bucket and everything in it (S3Server.delete_bucket)."""
     if not server.running:
         return
     try:
-        c = server.client(retries={"total_max_attempts": 1, "mode": "standard"})
-        for page in c.get_paginator("list_multipart_uploads").paginate(Bucket=name):
-            for u in page.get("Uploads", []):
-                c.abort_multipart_upload(Bucket=name, Key=u["Key"], UploadId=u["UploadId"])
-        for page in c.get_paginator("list_objects_v2").paginate(Bucket=name):
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if keys:
-                c.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
-        c.delete_bucket(Bucket=name)
+        server.delete_bucket(name)
     except Exception:  # noqa: BLE001 - cleanup must not fail the test
         pass
 

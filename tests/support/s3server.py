@@ -11,6 +11,12 @@ Two servers are supported, both run as child processes from the same virtualenv 
   per-object spool file from that setting (``MOTO_S3_DEFAULT_KEY_BUFFER_SIZE``
   defaults to ``S3_UPLOAD_PART_MIN_SIZE - 1024``), we pin that one to its usual
   default so that a small part size does not change how objects are stored.
+  It runs moto's own ``moto.server.main`` (what the ``moto_server`` script runs) with
+  one function memoized: to route each request, moto's dispatcher asks
+  ``moto.backends.list_of_moto_modules()``, which lists moto's package directory and
+  stats each of its ~180 entries, every time, under a lock. The listing never changes
+  while the server runs; computing it once takes a third off moto's CPU per request
+  (6.9 ms to 4.5 ms for an UploadPart here) and changes nothing else.
 
 * **SeaweedFS** (``weed mini``): master, volume, filer and S3 gateway in one Go
   process.  Every listener is bound to 127.0.0.1 (``-ip`` / ``-ip.bind``); telemetry,
@@ -78,6 +84,15 @@ START_TIMEOUT = 60.0
 SERVER_NAMES = ("seaweedfs", "moto")
 # moto's own default for MOTO_S3_DEFAULT_KEY_BUFFER_SIZE (5 MiB - 1 KiB).
 _MOTO_DEFAULT_KEY_BUFFER = 5 * 1024 * 1024 - 1024
+# `moto_server`, with moto's per-request directory listing done once (see above).
+_MOTO_MAIN = (
+    "import sys\n"
+    "from moto import backends\n"
+    "_modules = tuple(backends.list_of_moto_modules())\n"
+    "backends.list_of_moto_modules = lambda: _modules\n"
+    "from moto.server import main\n"
+    "sys.exit(main())\n"
+)
 
 
 _SESSION: boto3.session.Session | None = None
@@ -218,6 +233,39 @@ class S3Server:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(put, keys))
 
+    def delete_bucket(self, bucket: str) -> None:
+        """Delete a bucket with everything in it: objects and unfinished multipart uploads.
+
+        SeaweedFS: one recursive DELETE of the bucket's directory through its filer's HTTP
+        API, which removes the bucket and its collection as DeleteBucket does (0.4 s for
+        10,000 objects here, against 10 s through S3, whose DeleteObjects the filer carries
+        out key by key). Other servers: abort the uploads, DeleteObjects 1,000 keys at a
+        time, DeleteBucket."""
+        import http.client
+        from urllib.parse import quote
+
+        filer = self.extra.get("ports", {}).get("filer") if self.name == "seaweedfs" else None
+        if filer is not None:
+            conn = http.client.HTTPConnection(HOST, filer, timeout=120)
+            try:
+                conn.request("DELETE", f"/buckets/{quote(bucket)}/?recursive=true&ignoreRecursiveError=true")
+                response = conn.getresponse()
+                response.read()
+            finally:
+                conn.close()
+            if response.status not in (200, 202, 204, 404):
+                raise S3ServerError(f"filer DELETE of bucket {bucket}: HTTP {response.status}")
+            return
+        c = self.client(retries={"total_max_attempts": 1, "mode": "standard"})
+        for page in c.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
+            for u in page.get("Uploads", []):
+                c.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                c.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+        c.delete_bucket(Bucket=bucket)
+
     def env(self, endpoint: str | None = None) -> dict[str, str]:
         """AWS_* variables a client process can use to reach this server."""
         env = {
@@ -339,7 +387,7 @@ def start_moto(
         log_path = workdir / f"moto-{port}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                [str(exe), "-H", HOST, "-p", str(port)],
+                [sys.executable, "-c", _MOTO_MAIN, "-H", HOST, "-p", str(port)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
