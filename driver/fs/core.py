@@ -126,22 +126,17 @@ class Filesystem:
             raise FsError(errno.ENOENT, "name can never be an S3 key segment")
 
     async def _lookup_remote(self, parent: Inode, name: str) -> Inode:
-        known = self.inodes.child(parent.ino, name)
-        listed = self.directories.listed(parent, name, known)
-        if listed is ABSENT:
+        # A listing answers first: a complete one within its TTL, else one started for
+        # lookups like this one (see Directories.relisting).
+        answer = self.directories.listed(parent, name, self.inodes.child(parent.ino, name))
+        if answer is UNKNOWN and (relisting := self.directories.relisting(parent)) is not None:
+            answer = await relisting.find(name)
+        if answer is ABSENT:
             self.inodes.remove_child(parent.ino, name)
             raise FsError(errno.ENOENT, "no such object or prefix")
-        if listed is not None:
-            return self.directories.remember(parent, listed, self.directories.valid_until(parent))
-        relisting = self.directories.relisting(parent)
-        if relisting is not None:
-            found = await relisting.find(name)
-            if found is ABSENT:
-                self.inodes.remove_child(parent.ino, name)
-                raise FsError(errno.ENOENT, "no such object or prefix")
-            if found is not UNKNOWN:
-                entry, valid_until = found
-                return self.directories.remember(parent, entry, valid_until)
+        if answer is not UNKNOWN:
+            entry, valid_until = answer
+            return self.directories.remember(parent, entry, valid_until)
         before = self.inodes.child(parent.ino, name)
         try:
             found = await self._ask_s3(parent, name, was_dir=before is not None and before.is_dir)

@@ -244,25 +244,21 @@ class Directories:
         self._sizes.pop(ino, None)
         self._s3_lookups.pop(ino, None)
 
-    def listed(self, parent: Inode, name: str, known: Inode | None) -> Entry | str | None:
+    def listed(self, parent: Inode, name: str, known: Inode | None) -> tuple[Entry, float] | str:
         """What a complete listing of ``parent`` within its TTL, newer than what was
-        ``known`` of the name, says of it: its entry, or ABSENT (not in S3, as far as the
-        TTL goes). None: no such listing. A name never seen is not ABSENT with an
-        indefinite TTL: a name created elsewhere after the listing is still found by
-        looking it up."""
+        ``known`` of the name, says of it: its entry and until when it is valid, ABSENT
+        (not in S3, as far as the TTL goes), or UNKNOWN (no such listing). A name never
+        seen is not ABSENT with an indefinite TTL: a name created elsewhere after the
+        listing is still found by looking it up."""
         cached = self._listings.get(parent.ino)
         if cached is None or time.monotonic() >= cached.valid_until:
-            return None
+            return UNKNOWN
         if known is not None and cached.valid_until <= known.valid_until:
-            return None
+            return UNKNOWN
         entry = cached.by_name.get(name)
         if entry is not None:
-            return entry
-        return ABSENT if known is not None or math.isfinite(self._ttl) else None
-
-    def valid_until(self, parent: Inode) -> float:
-        cached = self._listings.get(parent.ino)
-        return cached.valid_until if cached is not None else 0.0
+            return entry, cached.valid_until
+        return ABSENT if known is not None or math.isfinite(self._ttl) else UNKNOWN
 
     # -- listing again, for lookups of names in S3 ----------------------------------------
 
