@@ -21,6 +21,12 @@ from driver.config import ConfigError
 log = structlog.get_logger("pail.csi")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
+# Longest status message sent, in UTF-8 bytes. Messages quote what was wrong, and a
+# request can carry megabytes: gRPC clients refuse trailers over 8-16 KiB (grpc-message
+# is percent-encoded, up to 3 bytes per byte), which would turn the answer into
+# RESOURCE_EXHAUSTED without the message. Kubernetes events keep 1 KiB anyway.
+MAX_MESSAGE_BYTES = 1024
+
 
 class CsiError(Exception):
     """Answer the RPC with ``code`` and ``message``."""
@@ -65,10 +71,18 @@ def grpc_errors(method: _F) -> _F:
             return method(self, request, context)
         except Exception as exc:
             code, message = _status(exc)
+            message = _shorten(message)
             if code is grpc.StatusCode.INTERNAL:
                 log.exception("rpc failed", method=method.__name__)
             context.abort(code, message)
     return wrapper  # type: ignore[return-value]
+
+
+def _shorten(message: str) -> str:
+    data = message.encode("utf-8", "replace")
+    if len(data) <= MAX_MESSAGE_BYTES:
+        return message
+    return data[:MAX_MESSAGE_BYTES - 3].decode("utf-8", "ignore") + "..."
 
 
 def require(request: Any, *fields: str) -> None:

@@ -197,6 +197,10 @@ class MountManager:
         try:
             child = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, pass_fds=[write_end],
                                      start_new_session=True, close_fds=True)
+        except BaseException:
+            os.close(read_end)
+            self._clean_up(target, None)  # the directory made above
+            raise
         finally:
             os.close(write_end)
         self._children[child.pid] = child

@@ -22,7 +22,7 @@ from driver.cli import parse_mount_options
 from driver.csi import capabilities
 from driver.csi import context as ctx
 from driver.csi.errors import CsiError, grpc_errors, invalid, require
-from driver.csi.mount_flags import parse_mount_flags
+from driver.csi.mount_flags import MAX_VALUE_BYTES, parse_mount_flags
 from driver.csi.mounts import MountManager, MountSpec
 from driver.csi.volume_credentials import PodIdentitySettings, ServiceAccountLookup, credential_source
 
@@ -30,6 +30,7 @@ log = structlog.get_logger("pail.csi.node")
 
 # With fsGroup, the group gets write access, as for any volume kubelet would chown.
 GROUP_FILE_MODE, GROUP_DIR_MODE = "0664", "0775"
+NAME_MAX = 255  # bytes in one name of a path (Linux)
 
 
 class InFlight:
@@ -103,6 +104,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         pattern = re.escape(self._kubelet_dir) + r"/pods/[^/]+/volumes/kubernetes\.io~csi/[^/]+/mount"
         if not re.fullmatch(pattern, path):
             raise invalid(f"target_path {path!r} is not a kubelet volume path under {self._kubelet_dir}")
+        if any(len(name.encode()) > NAME_MAX for name in path.split("/")):
+            raise invalid(f"target_path {path!r} has a name longer than {NAME_MAX} bytes")
+        # The directories above the target are kubelet's: a symbolic link among them (or
+        # as the target) would put the mount, and its removal, somewhere else.
+        parent = os.path.dirname(path)
+        inside = os.path.join(os.path.realpath(self._kubelet_dir), os.path.relpath(parent, self._kubelet_dir))
+        if os.path.realpath(parent) != inside or os.path.islink(path):
+            raise invalid(f"target_path {path!r} leads out of {self._kubelet_dir} through a symbolic link")
         return path
 
     def _spec(self, request, target: str) -> MountSpec:
@@ -115,6 +124,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         unknown = sorted(k for k in attributes if k not in ctx.VOLUME_ATTRIBUTES and not k.startswith(ctx.PROVISIONER_PREFIX))
         if unknown:
             raise invalid(f"volume_context: unknown attribute {unknown[0]!r}")
+        for key in sorted(ctx.VOLUME_ATTRIBUTES & attributes.keys()):
+            # They become arguments of the mount process, as mountOptions values do.
+            value = attributes[key]
+            if "\0" in value or "\n" in value or "\r" in value:
+                raise invalid(f"volume_context: {key} contains a NUL or a line break")
+            if len(value.encode("utf-8", "surrogatepass")) > MAX_VALUE_BYTES:
+                raise invalid(f"volume_context: {key} is longer than {MAX_VALUE_BYTES} bytes")
         if ctx.parse_bool(attributes.get(ctx.EPHEMERAL, "false"), ctx.EPHEMERAL):
             self._check_ephemeral(attributes)
         source = attributes.get(ctx.AUTHENTICATION_SOURCE, ctx.AUTH_SOURCE_DRIVER)

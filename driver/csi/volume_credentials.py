@@ -133,7 +133,7 @@ def _tokens(raw: str | None) -> dict:
         raise invalid(f"volume_context: {ctx.SERVICE_ACCOUNT_TOKENS} is larger than {MAX_TOKENS_BYTES} bytes")
     try:
         tokens = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep ("[[[[...")
         raise invalid(f"volume_context: {ctx.SERVICE_ACCOUNT_TOKENS} is not valid JSON") from None
     if not isinstance(tokens, dict) or not all(isinstance(v, dict) for v in tokens.values()):
         raise invalid(f"volume_context: {ctx.SERVICE_ACCOUNT_TOKENS} must map audiences to "

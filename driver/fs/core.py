@@ -25,6 +25,7 @@ from driver.fs.directories import ABSENT, UNKNOWN, DirHandle, Directories
 from driver.fs.errors import FsError, from_store
 from driver.fs.inode import Inode, InodeTable, Kind
 from driver.fs.names import DELIMITER, NAME_MAX, is_valid_name
+from driver.fs.nextfiles import NextFiles
 from driver.fs.prefetch import MemoryBudget, PrefetchConfig, Prefetcher
 from driver.fs.upload import Upload
 from driver.s3.api import ListPage, NoSuchKey, ObjectClient, ObjectClientError
@@ -63,6 +64,7 @@ class Filesystem:
         self.directories = Directories(client, self.inodes, settings.metadata_ttl)
         self.budget = MemoryBudget(settings.max_memory)
         self._prefetch = PrefetchConfig(settings.min_request, settings.max_request, settings.max_ahead)
+        self.next_files = NextFiles(client, self.budget)
         self._handles: dict[int, ReadHandle | WriteHandle | DirHandle] = {}
         self._next_fh = itertools.count(1)
         self._nursery: trio.Nursery | None = None
@@ -75,6 +77,7 @@ class Filesystem:
         outlives handles."""
         self._nursery = nursery
         self.directories.start(nursery)
+        self.next_files.start(nursery)
 
     def _deadline(self) -> float:
         return time.monotonic() + self.settings.metadata_ttl
@@ -307,7 +310,10 @@ class Filesystem:
         keep_cache = inode.open_etag == inode.etag
         inode.open_etag = inode.etag
         reader = Prefetcher(self.client, inode.key, inode.etag, inode.size, config=self._prefetch,
-                            budget=self.budget, nursery=self._nursery)
+                            budget=self.budget, nursery=self._nursery, fetched=self.next_files.take(inode))
+        parent = self.inodes.get(inode.parent)
+        if parent is not None:
+            self.next_files.opened(inode, self.directories.position(parent, inode.name))
         inode.readers += 1
         return self._new_handle(ReadHandle(inode, reader)), keep_cache
 
@@ -480,4 +486,5 @@ class Filesystem:
                 self._handles.pop(fh, None)
             else:
                 await self.release(fh)
+        self.next_files.close()
         await self.client.aclose()

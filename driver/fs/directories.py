@@ -48,12 +48,19 @@ class _CachedListing:
     entries: list[Entry]
     valid_until: float
     _by_name: dict[str, Entry] | None = None
+    _positions: dict[str, int] | None = None
 
     @property
     def by_name(self) -> dict[str, Entry]:
         if self._by_name is None:
             self._by_name = {entry.name: entry for entry in self.entries}
         return self._by_name
+
+    @property
+    def positions(self) -> dict[str, int]:
+        if self._positions is None:
+            self._positions = {entry.name: i for i, entry in enumerate(self.entries)}
+        return self._positions
 
 
 # What a Relisting knows of a name: UNKNOWN when it cannot tell (ask S3 about the name).
@@ -259,6 +266,15 @@ class Directories:
         if entry is not None:
             return entry, cached.valid_until
         return ABSENT if known is not None or math.isfinite(self._ttl) else UNKNOWN
+
+    def position(self, parent: Inode, name: str) -> tuple[list[Entry], int] | None:
+        """A complete listing of ``parent`` within its TTL (in key order) and the place of
+        ``name`` in it."""
+        cached = self._listings.get(parent.ino)
+        if cached is None or time.monotonic() >= cached.valid_until:
+            return None
+        index = cached.positions.get(name)
+        return None if index is None else (cached.entries, index)
 
     # -- listing again, for lookups of names in S3 ----------------------------------------
 

@@ -7,11 +7,16 @@ request each), at most ``max_ahead`` of them outstanding. A read elsewhere cance
 was fetched ahead and fetches just what it needs (at least ``min_request``). Every request
 carries If-Match with the ETag the file was opened with, so a handle never returns bytes
 of two versions of an object.
+
+A handle may also start with a request made before it was opened (``driver.fs.nextfiles``
+fetches the next files of a directory read in order): ``speculative`` chunks that failed
+are not errors of the reader, whose read fetches the bytes itself.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 from dataclasses import dataclass, field
 
 import structlog
@@ -54,7 +59,7 @@ class MemoryBudget:
 
 
 @dataclass(eq=False)
-class _Chunk:
+class Chunk:
     start: int
     end: int
     done: trio.Event = field(default_factory=trio.Event)
@@ -63,6 +68,34 @@ class _Chunk:
     cancelled: bool = False
     reserved: int = 0  # bytes of the memory budget this chunk holds
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    speculative: bool = False  # fetched before anyone asked for it
+
+
+async def fetch(chunk: Chunk, client: ObjectClient, key: str, etag: str, budget: MemoryBudget) -> None:
+    """Fill ``chunk`` with bytes [start, end) of the version ``etag`` of ``key``; of its
+    budget it keeps what was delivered."""
+    with chunk.scope:
+        try:
+            chunk.data = memoryview(await client.get_range(key, chunk.start, chunk.end - chunk.start, etag=etag))
+        except ObjectClientError as exc:
+            chunk.error = from_store(exc, during="read")
+            log.log(logging.INFO if chunk.speculative else logging.WARNING, "read failed", op="read", key=key,
+                    start=chunk.start, end=chunk.end, errno=chunk.error.errno, speculative=chunk.speculative,
+                    **exc.log_fields())
+    if not chunk.cancelled:
+        delivered = len(chunk.data)
+        budget.release(chunk.reserved - delivered)
+        chunk.reserved = delivered
+    chunk.done.set()
+
+
+def cancel(chunk: Chunk, budget: MemoryBudget) -> None:
+    """Stop ``chunk``'s request if running and give its memory back."""
+    chunk.cancelled = True
+    chunk.scope.cancel()
+    chunk.done.set()
+    budget.release(chunk.reserved)
+    chunk.reserved = 0
 
 
 @dataclass(frozen=True)
@@ -88,6 +121,7 @@ class Prefetcher:
         config: PrefetchConfig,
         budget: MemoryBudget,
         nursery: trio.Nursery,
+        fetched: Chunk | None = None,
     ) -> None:
         self._client = client
         self._key = key
@@ -96,7 +130,7 @@ class Prefetcher:
         self._config = config
         self._budget = budget
         self._nursery = nursery
-        self._chunks: list[_Chunk] = []  # contiguous, in offset order
+        self._chunks: list[Chunk] = [fetched] if fetched is not None else []  # contiguous, in offset order
         self._next_size = config.min_request
         self._position = 0  # end of the last read: where a sequential reader reads next
         self._stale: FsError | None = None
@@ -127,6 +161,9 @@ class Prefetcher:
             if chunk.cancelled:
                 break  # another read on this handle moved the window: fetch the rest directly
             if chunk.error is not None:
+                if chunk.speculative:
+                    self._discard(chunk)
+                    break  # fetched before this handle was opened: read the bytes afresh
                 if chunk.error.errno == errno.ESTALE:
                     self._stale = chunk.error
                 self._discard(chunk)
@@ -212,38 +249,22 @@ class Prefetcher:
             self._budget.reserve_anyway(charge)
         elif not self._budget.try_reserve(charge):
             return False
-        chunk = _Chunk(start, end, reserved=charge)
+        chunk = Chunk(start, end, reserved=charge)
         self._chunks.append(chunk)
         self._nursery.start_soon(self._fetch, chunk)
         return True
 
-    async def _fetch(self, chunk: _Chunk) -> None:
-        with chunk.scope:
-            try:
-                chunk.data = memoryview(await self._client.get_range(
-                    self._key, chunk.start, chunk.end - chunk.start, etag=self._etag
-                ))
-            except ObjectClientError as exc:
-                chunk.error = from_store(exc, during="read")
-                log.warning("read failed", op="read", key=self._key, start=chunk.start, end=chunk.end,
-                            errno=chunk.error.errno, **exc.log_fields())
-        if not chunk.cancelled:
-            delivered = len(chunk.data)
-            self._budget.release(chunk.reserved - delivered)
-            chunk.reserved = delivered
-        chunk.done.set()
+    async def _fetch(self, chunk: Chunk) -> None:
+        await fetch(chunk, self._client, self._key, self._etag, self._budget)
 
-    def _cancel(self, chunk: _Chunk) -> None:
-        chunk.cancelled = True
-        chunk.scope.cancel()
-        chunk.done.set()
-        self._release(chunk)
+    def _cancel(self, chunk: Chunk) -> None:
+        cancel(chunk, self._budget)
 
-    def _discard(self, chunk: _Chunk) -> None:
+    def _discard(self, chunk: Chunk) -> None:
         if chunk in self._chunks:
             self._chunks.remove(chunk)
         self._release(chunk)
 
-    def _release(self, chunk: _Chunk) -> None:
+    def _release(self, chunk: Chunk) -> None:
         self._budget.release(chunk.reserved)
         chunk.reserved = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import subprocess
 
 import pytest
 
@@ -108,3 +109,35 @@ def test_parallel_readers_share_one_budget(s3, bucket, proxy, mount_bucket):
         assert dict(pool.map(read, digests)) == digests
     # Four readers: prefetch within 32 MiB, plus at most one forced request per reader.
     assert peak_rss(mount.process.pid) - rss_before <= 32 * MiB + 4 * 2 * MAX_REQUEST + SLACK
+
+
+def _small_files(s3, bucket, count):
+    from concurrent.futures import ThreadPoolExecutor
+
+    contents = {f"f{i:03d}": random.Random(i).randbytes(64 * KiB) for i in range(count)}
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: s3.put_object(Bucket=bucket, Key=f"dir/{n}", Body=contents[n]), contents))
+    return contents
+
+
+def test_cat_of_a_directory_fetches_the_next_files_ahead_once_each(s3, bucket, proxy, mount_bucket):
+    contents = _small_files(s3, bucket, 40)
+    mount = mount_bucket(bucket, "--metadata-ttl", "60", endpoint=proxy.endpoint)
+    proxy.clear()
+    # The shell lists the directory for the glob, then cat opens the files in that order.
+    result = subprocess.run(["bash", "-c", 'cd "$1" && LC_ALL=C cat dir/*', "-", str(mount.path)],
+                            capture_output=True, timeout=60, check=True)
+    assert result.stdout == b"".join(contents[n] for n in sorted(contents))
+    assert sorted(r.key for r in proxy.records("GetObject")) == sorted(f"dir/{n}" for n in contents)
+    assert proxy.max_in_flight("GetObject") > 1  # files fetched while cat read others
+
+
+def test_files_read_out_of_order_are_fetched_only_when_opened(s3, bucket, proxy, mount_bucket):
+    contents = _small_files(s3, bucket, 20)
+    mount = mount_bucket(bucket, "--metadata-ttl", "60", endpoint=proxy.endpoint)
+    names = sorted(os.listdir(mount.path / "dir"))
+    order = [names[i] for i in (7, 2, 9, 0, 5, 3, 8, 1, 6, 4)]  # no two within two places
+    proxy.clear()
+    for name in order:
+        assert (mount.path / "dir" / name).read_bytes() == contents[name]
+    assert sorted(r.key for r in proxy.records("GetObject")) == sorted(f"dir/{n}" for n in order)

@@ -185,12 +185,14 @@ class Status(Fault):
 
 @dataclass(frozen=True)
 class Reset(Fault):
-    """Close the client connection with a TCP RST (before forwarding, or after ``after_bytes``)."""
+    """Close the client connection with a TCP RST (before forwarding, after ``after_bytes``
+    of the response body, or after ``after_request_bytes`` of the request body)."""
 
 
 @dataclass(frozen=True)
 class Stall(Fault):
-    """Hold the request (or the response at ``after_bytes``) for ``seconds``.
+    """Hold the request (or the response at ``after_bytes``, or the request body at
+    ``after_request_bytes``) for ``seconds``.
 
     ``None`` holds until the fault is removed (``handle.remove()``, ``clear_faults()``)
     or the proxy stops.  Removing the fault releases held requests at once.
@@ -206,13 +208,15 @@ class Stall(Fault):
 class FaultHandle:
     """A fault injected into an :class:`S3Proxy`; returned by :meth:`S3Proxy.inject`."""
 
-    def __init__(self, proxy: "S3Proxy", fault: Fault, op, match, times, after_bytes):
+    def __init__(self, proxy: "S3Proxy", fault: Fault, op, match, times, after_bytes,
+                 after_request_bytes=None):
         self.proxy = proxy
         self.fault = fault
         self.op = op
         self.match = match
         self.times = times
         self.after_bytes = after_bytes
+        self.after_request_bytes = after_request_bytes
         self.hits = 0
         self.released = threading.Event()
 
@@ -713,12 +717,15 @@ class S3Proxy:
         match: Callable[[Record], bool] | None = None,
         times: int | None = 1,
         after_bytes: int | None = None,
+        after_request_bytes: int | None = None,
     ) -> FaultHandle:
         """Inject ``fault`` for the next ``times`` matching requests (None: unlimited).
 
         Faults are checked in insertion order; the first match wins.  ``after_bytes``
         (Reset and Stall only) applies the fault after that many response-body bytes
-        were sent to the client.
+        were sent to the client; ``after_request_bytes`` (Reset and Stall only) once that many
+        request-body bytes arrived: a Reset then forwards only the bytes before the piece
+        that reached the count (upstream sees a truncated body), a Stall holds that piece.
         """
         if not isinstance(fault, Fault):
             raise TypeError(f"not a fault: {fault!r}")
@@ -726,9 +733,11 @@ class S3Proxy:
             raise ValueError(f"unknown op {op!r}")
         if after_bytes is not None and isinstance(fault, Status):
             raise ValueError("after_bytes makes no sense for Status")
+        if after_request_bytes is not None and (isinstance(fault, Status) or after_bytes is not None):
+            raise ValueError("after_request_bytes is for Reset and Stall, without after_bytes")
         if times is not None and times < 1:
             raise ValueError("times must be >= 1 or None")
-        h = FaultHandle(self, fault, op, match, times, after_bytes)
+        h = FaultHandle(self, fault, op, match, times, after_bytes, after_request_bytes)
         with self._lock:
             self._faults.append(h)
         return h
@@ -911,9 +920,12 @@ class S3Proxy:
 
         handle = self._match_fault(rec)
         late = None  # fault applied to the response body
+        late_request = None  # fault applied to the request body
         if handle is not None:
             if handle.after_bytes is not None:
                 late = handle
+            elif handle.after_request_bytes is not None:
+                late_request = handle
             elif isinstance(handle.fault, Reset):
                 rec.fault = handle.fault.name
                 raise _ResetClient()
@@ -946,7 +958,7 @@ class S3Proxy:
 
             upstream_broken = False
             try:
-                self._relay_request_body(creader, usock, body_kind, body_len, rec)
+                self._relay_request_body(creader, usock, body_kind, body_len, rec, late_request)
             except OSError as e:
                 if isinstance(e, socket.timeout) or self._stopping.is_set():
                     raise
@@ -1021,9 +1033,19 @@ class S3Proxy:
             return resp, status
 
     def _relay_request_body(self, creader: _Reader, dst: socket.socket | None, kind: str,
-                            length: int, rec: Record) -> None:
+                            length: int, rec: Record, late: FaultHandle | None = None) -> None:
         def count(n: int) -> None:
+            nonlocal late
             rec.request_bytes += n
+            # Called before the counted piece is sent on: a fault here keeps it back.
+            if late is not None and rec.request_bytes >= late.after_request_bytes:
+                handle, late = late, None
+                rec.fault = handle.fault.name
+                if isinstance(handle.fault, Reset):
+                    rec.request_bytes -= n  # what upstream got
+                    raise _ResetClient()
+                if isinstance(handle.fault, Stall):
+                    self._stall(handle)
 
         if kind == "length":
             creader.pump(length, dst, count)
