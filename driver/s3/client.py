@@ -21,6 +21,7 @@ import botocore.exceptions
 import structlog
 import trio
 from botocore import UNSIGNED
+from botocore.retries import standard as standard_retries
 
 from driver import credentials
 from driver.config import S3Settings
@@ -31,7 +32,6 @@ from driver.s3.crt import CrtRequests
 log = structlog.get_logger("pail.s3")
 
 DEFAULT_REGION = "us-east-1"
-# Request sizes above this would be split by awscrt into parts; the prefetcher keeps its
 
 def _boto_config(settings: S3Settings, region: str) -> botocore.config.Config:
     return botocore.config.Config(
@@ -57,12 +57,59 @@ def _boto_config(settings: S3Settings, region: str) -> botocore.config.Config:
 
 def make_boto_client(settings: S3Settings, region: str, session: boto3.Session | None = None):
     session = session or boto3.Session()
-    return session.client(
+    client = session.client(
         "s3",
         endpoint_url=settings.endpoint_url,
         verify=settings.ca_bundle if settings.ca_bundle else None,
         config=_boto_config(settings, region),
     )
+    _RetryDeadline(settings.request_timeout, settings.max_attempts).register(client)
+    return client
+
+
+class _RetryDeadline:
+    """Keeps botocore's retries of one call within the request timeout, as awscrt's are.
+
+    botocore bounds each attempt (read_timeout) but not the call: five attempts at a server
+    that stopped answering took five timeouts (25 s for a 3 s --request-timeout), and
+    throttling backoff (up to 1+2+4+8 s of sleep) ignores the timeout altogether, so a
+    failed upload reached close() as EIO far later than --request-timeout. botocore still
+    decides whether and how long to back off; this only refuses a retry whose longest
+    possible backoff would end past the timeout, counted from the call's start. So no
+    attempt starts after the timeout, and the call ends within two timeouts at worst (a
+    last attempt that goes unanswered).
+    """
+
+    def __init__(self, timeout: float, max_attempts: int) -> None:
+        self._timeout = timeout
+        self._max_attempts = max_attempts
+        self._adapter = standard_retries.RetryEventAdapter()
+        try:  # the backoff botocore would choose, without jitter: its upper bound
+            self._longest = standard_retries.ExponentialBackoff(
+                random=lambda: 1.0,
+                throttling_detector=standard_retries.ThrottlingErrorDetector(self._adapter))
+        except TypeError:  # older botocore: one backoff scale for every error
+            self._longest = standard_retries.ExponentialBackoff(random=lambda: 1.0)
+
+    def register(self, client) -> None:
+        client.meta.events.register("before-call.s3", self._started)
+        # First, so that its refusal (False) wins over botocore's own retry handler.
+        client.meta.events.register_first("needs-retry.s3", self._needs_retry)
+
+    @staticmethod
+    def _started(context: dict, **_: Any) -> None:
+        context["pail_call_started"] = time.monotonic()
+
+    def _needs_retry(self, request_dict: dict, **kwargs: Any) -> bool | None:
+        started = request_dict["context"].get("pail_call_started")
+        if started is None or kwargs["attempts"] >= self._max_attempts:
+            # botocore stops by itself. (So, should a botocore older than the pinned one
+            # read False as "retry at once", retries stay bounded by max_attempts.)
+            return None
+        retry = self._adapter.create_retry_context(request_dict=request_dict, **kwargs)
+        if time.monotonic() + self._longest.delay_amount(retry) - started >= self._timeout:
+            return False  # no retry: the last error is the call's
+        return None  # botocore's standard rules decide
 
 
 def _error_from_boto(exc: Exception, operation: str, what: str) -> api.ObjectClientError:

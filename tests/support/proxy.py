@@ -1035,20 +1035,24 @@ class S3Proxy:
     def _relay_request_body(self, creader: _Reader, dst: socket.socket | None, kind: str,
                             length: int, rec: Record, late: FaultHandle | None = None) -> None:
         def count(n: int) -> None:
-            nonlocal late
             rec.request_bytes += n
-            # Called before the counted piece is sent on: a fault here keeps it back.
-            if late is not None and rec.request_bytes >= late.after_request_bytes:
+
+        def relay(n: int) -> None:
+            nonlocal late
+            if late is not None and late.after_request_bytes - rec.request_bytes <= n:
+                # the fault's point lies within these bytes: forward up to it, then fire
+                first = max(0, late.after_request_bytes - rec.request_bytes)
+                creader.pump(first, dst, count)
+                n -= first
                 handle, late = late, None
                 rec.fault = handle.fault.name
                 if isinstance(handle.fault, Reset):
-                    rec.request_bytes -= n  # what upstream got
                     raise _ResetClient()
-                if isinstance(handle.fault, Stall):
-                    self._stall(handle)
+                self._stall(handle)
+            creader.pump(n, dst, count)
 
         if kind == "length":
-            creader.pump(length, dst, count)
+            relay(length)
         elif kind == "chunked":
             while True:
                 line = creader.read_line()
@@ -1062,7 +1066,7 @@ class S3Proxy:
                             dst.sendall(t)
                         if t == b"\r\n":
                             return
-                creader.pump(size, dst, count)
+                relay(size)
                 crlf = creader.read_line()
                 if dst is not None:
                     dst.sendall(crlf)
