@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from dataclasses import dataclass, field
 
 import structlog
@@ -28,6 +29,10 @@ from driver.s3.api import ObjectClient, ObjectClientError
 log = structlog.get_logger("pail.prefetch")
 
 IN_FLIGHT_COPIES = 2
+# When a read fails, the kernel at once reads the page it needed again, on its own: a
+# second request that would wait out a whole --request-timeout more before the program
+# sees the error. Bytes that just failed fail again at once for this long.
+FAILED_RANGE_HOLD = 1.0
 
 
 class MemoryBudget:
@@ -134,6 +139,7 @@ class Prefetcher:
         self._next_size = config.min_request
         self._position = 0  # end of the last read: where a sequential reader reads next
         self._stale: FsError | None = None
+        self._failed: tuple[int, int, FsError, float] | None = None  # start, end, error, until
         self._closed = False
 
     async def read(self, offset: int, length: int) -> bytes | memoryview:
@@ -146,6 +152,7 @@ class Prefetcher:
         end = min(offset + length, self._size)
         if offset >= end:
             return b""
+        self._fail_again(offset, end)
         sequential = self._is_sequential(offset)
         if not sequential:
             self._reset()
@@ -164,8 +171,7 @@ class Prefetcher:
                 if chunk.speculative:
                     self._discard(chunk)
                     break  # fetched before this handle was opened: read the bytes afresh
-                if chunk.error.errno == errno.ESTALE:
-                    self._stale = chunk.error
+                self._failed_now(chunk.start, chunk.end, chunk.error)
                 self._discard(chunk)
                 raise chunk.error
             piece = chunk.data[pos - chunk.start : end - chunk.start]
@@ -182,9 +188,23 @@ class Prefetcher:
             return await self._client.get_range(self._key, start, end - start, etag=self._etag)
         except ObjectClientError as exc:
             error = from_store(exc, during="read")
-            if error.errno == errno.ESTALE:
-                self._stale = error
+            self._failed_now(start, end, error)
             raise error from None
+
+    def _failed_now(self, start: int, end: int, error: FsError) -> None:
+        if error.errno == errno.ESTALE:
+            self._stale = error  # for good: the object changed
+        else:
+            self._failed = (start, end, error, time.monotonic() + FAILED_RANGE_HOLD)
+
+    def _fail_again(self, offset: int, end: int) -> None:
+        if self._failed is None:
+            return
+        start, stop, error, until = self._failed
+        if time.monotonic() >= until:
+            self._failed = None
+        elif offset < stop and end > start:
+            raise error
 
     def close(self) -> None:
         self._closed = True

@@ -33,6 +33,7 @@ log = structlog.get_logger("pail.s3")
 
 DEFAULT_REGION = "us-east-1"
 
+
 def _boto_config(settings: S3Settings, region: str) -> botocore.config.Config:
     return botocore.config.Config(
         region_name=region,
