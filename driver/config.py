@@ -86,11 +86,16 @@ def parse_seconds(text: str, option: str) -> float:
 
 def parse_size(text: str, option: str) -> int:
     """A byte count with an optional binary suffix: 8388608, 8M, 8MiB, 512K, 1G."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(i?b)?\s*", text.lower())
+    match = re.fullmatch(r"\s*([0-9]{1,20})\s*([kmg]?)(i?b)?\s*", text.lower())
     if not match:
         raise ConfigError(option, f"expected a size such as 8MiB, not {text!r}")
     number, unit = int(match.group(1)), match.group(2)
     return number * {"": 1, "k": KiB, "m": MiB, "g": 1024 * MiB}[unit]
+
+
+# botocore's own rule (validate_region_name): other names make it raise where the mount
+# process would die before saying why.
+REGION_NAME = re.compile(r"(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)")
 
 
 def validate_bucket(bucket: str) -> str:
@@ -142,6 +147,8 @@ class S3Settings:
     upload_checksum: str | None = "CRC32C"  # or None: no checksums on uploads
 
     def __post_init__(self) -> None:
+        if self.region is not None and not REGION_NAME.fullmatch(self.region):
+            raise ConfigError("--region", f"{self.region!r} is not a region name")
         if not 0 < self.request_timeout <= 3600:
             raise ConfigError("--request-timeout", "must be more than 0 and at most 3600 seconds")
         if self.storage_class is not None and self.storage_class not in STORAGE_CLASSES:

@@ -33,7 +33,7 @@ import grpc
 import structlog
 
 from csi import csi_pb2, csi_pb2_grpc
-from driver.config import S3Settings
+from driver.config import REGION_NAME, S3Settings
 from driver.csi import capabilities
 from driver.csi import context as ctx
 from driver.csi.errors import CsiError, grpc_errors, invalid, require
@@ -58,7 +58,6 @@ PARAMETERS = frozenset({ctx.BUCKET_NAME, ctx.BASE_PREFIX, ctx.DELETE_POLICY, ctx
 # What a bucket Pail creates may be called: S3's rules for new general-purpose buckets.
 _NEW_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _IP_ADDRESS = re.compile(r"\d+\.\d+\.\d+\.\d+")
-_REGION = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 @dataclass(frozen=True)
@@ -193,7 +192,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise invalid(f"parameters: {ctx.DELETE_POLICY} must be retain or delete, not {policy!r}")
         own_bucket = ctx.parse_bool(params.get(ctx.BUCKET_PER_VOLUME, "false"), ctx.BUCKET_PER_VOLUME)
         region = params.get(ctx.REGION) or self._region
-        if not _REGION.fullmatch(region):
+        if not REGION_NAME.fullmatch(region):
             raise invalid(f"parameters: {ctx.REGION} {region!r} is not a region name")
         if own_bucket:
             for key in (ctx.BUCKET_NAME, ctx.BASE_PREFIX):

@@ -19,6 +19,7 @@ import structlog
 
 from csi import csi_pb2, csi_pb2_grpc
 from driver.cli import parse_mount_options
+from driver.config import REGION_NAME, validate_bucket
 from driver.csi import capabilities
 from driver.csi import context as ctx
 from driver.csi.errors import CsiError, grpc_errors, invalid, require
@@ -101,6 +102,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         no request can make the node mount (or unmount) somewhere else."""
         if "\0" in path or not os.path.isabs(path) or os.path.normpath(path) != path:
             raise invalid(f"target_path {path!r} is not a normalized absolute path")
+        if re.search(r"[\x00-\x1f\x7f]", path):  # kubelet's are uids and object names
+            raise invalid(f"target_path {path!r} contains a control character")
         pattern = re.escape(self._kubelet_dir) + r"/pods/[^/]+/volumes/kubernetes\.io~csi/[^/]+/mount"
         if not re.fullmatch(pattern, path):
             raise invalid(f"target_path {path!r} is not a kubelet volume path under {self._kubelet_dir}")
@@ -139,11 +142,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         bucket = attributes.get(ctx.BUCKET_NAME)
         if not bucket:
             raise invalid(f"volume_context: {ctx.BUCKET_NAME} is required")
+        validate_bucket(bucket)  # before it is an argument: "--read-only" is no bucket, nor an option
 
         options: list[str] = []
         for key, option in ((ctx.PREFIX, "--prefix"), (ctx.ENDPOINT, "--endpoint-url"), (ctx.REGION, "--region")):
-            if attributes.get(key):
-                options += [option, attributes[key]]
+            if attributes.get(key):  # "--region=-x": a value, as mount_flags passes it
+                value = attributes[key]
+                options += [f"{option}={value}"] if value.startswith("-") else [option, value]
         if ctx.parse_bool(attributes.get(ctx.FORCE_PATH_STYLE, "false"), ctx.FORCE_PATH_STYLE):
             options.append("--force-path-style")
         flags = parse_mount_flags(capability.mount.mount_flags)
@@ -160,6 +165,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         # Validate it all now, as the mount process would: a mistake is INVALID_ARGUMENT
         # naming the option, before anything is mounted.
         parse_mount_options(bucket, target, options)
+        sts_region = attributes.get(ctx.STS_REGION)
+        if sts_region and not REGION_NAME.fullmatch(sts_region):
+            raise invalid(f"volume_context: {ctx.STS_REGION} {sts_region!r} is not a region name")
         own = credential_source(attributes, request.secrets, self._service_accounts, self._pod_identity)
         if own is not None:  # the file is written just before the mount process starts
             options += ["--credentials-file", self._mounts.credentials_path(target)]

@@ -9,6 +9,7 @@ import pytest
 from driver.config import (
     ConfigError,
     FsSettings,
+    S3Settings,
     normalize_prefix,
     parse_id,
     parse_mode,
@@ -70,8 +71,15 @@ def test_modes_ids_and_sizes():
     assert parse_size("8MiB", "--max-memory") == 8 * 2**20
     assert parse_size("512k", "--max-memory") == 512 * 2**10
     assert parse_size("1G", "--max-memory") == 2**30
-    with pytest.raises(ConfigError, match="--max-memory"):
-        parse_size("lots", "--max-memory")
+    for bad in ["lots", "9" * 4301, "\u0661\u0662MiB"]:  # also no int() of 4,301 digits, no Arabic digits
+        with pytest.raises(ConfigError, match="--max-memory"):
+            parse_size(bad, "--max-memory")
+
+
+@pytest.mark.parametrize("region", ["us east", "-us-east-1", "123", "eu-west-1\n", "a" * 64, ""])
+def test_region_names_botocore_would_refuse_are_refused_naming_the_option(region):
+    with pytest.raises(ConfigError, match="--region"):
+        S3Settings(bucket="b", region=region)
 
 
 def test_prefix_normalization():
