@@ -134,8 +134,8 @@ class S3Settings:
     # Bounded retries: every S3 failure becomes an error within a bounded time.
     max_attempts: int = 5
     connect_timeout: float = 5.0
-    # The longest one S3 request may wait for an answer (for a metadata request: per
-    # attempt; for a data request: in all, retries included).
+    # The longest one S3 request may take, retries included (through awscrt: reads, HEAD,
+    # LIST; through boto3, uploads: each attempt, and no retry that would end past it).
     request_timeout: float = 30.0
     user_agent_extra: str = "pail"
     # Sent on every request they apply to (see driver.s3.options).
