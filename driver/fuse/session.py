@@ -63,24 +63,28 @@ async def serve(config: MountConfig, client: ObjectClient, on_ready: Callable[[]
     """Mount, call ``on_ready`` once the mount answers, serve until unmounted or a signal."""
     fs = Filesystem(client, config.fs)
     operations = Operations(fs, config.mountpoint)
-    pyfuse3.init(operations, config.mountpoint, fuse_options(config))
-    unmounted = False
-    try:
-        async with trio.open_nursery() as nursery:
-            fs.start(nursery)
-            nursery.start_soon(_stop_on_signal)
-            nursery.start_soon(_report_ready, config.mountpoint, on_ready)
-            await pyfuse3.main()
-            # main() returns when the kernel ends the session (unmount) or on terminate().
-            nursery.cancel_scope.cancel()
-    finally:
+    # SIGINT and SIGTERM are ours until the end, clean-up included: a second signal while
+    # stopping (which waits for requests in flight, up to --request-timeout) must not kill
+    # the process with the mount still there and uploads not yet aborted.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        pyfuse3.init(operations, config.mountpoint, fuse_options(config))
+        unmounted = False
         try:
-            pyfuse3.close(unmount=True)
-            unmounted = True
+            async with trio.open_nursery() as nursery:
+                fs.start(nursery)
+                nursery.start_soon(_stop_on_signal, signals)
+                nursery.start_soon(_report_ready, config.mountpoint, on_ready)
+                await pyfuse3.main()
+                # main() returns when the kernel ends the session (unmount) or on terminate().
+                nursery.cancel_scope.cancel()
         finally:
-            await fs.aclose()
-            log.info("unmounted", mountpoint=config.mountpoint, clean=unmounted,
-                     object_memory_peak=fs.budget.peak, object_memory_limit=fs.budget.limit)
+            try:
+                pyfuse3.close(unmount=True)
+                unmounted = True
+            finally:
+                await fs.aclose()
+                log.info("unmounted", mountpoint=config.mountpoint, clean=unmounted,
+                         object_memory_peak=fs.budget.peak, object_memory_limit=fs.budget.limit)
 
 
 async def _report_ready(mountpoint: str, on_ready: Callable[[], None]) -> None:
@@ -93,9 +97,12 @@ async def _report_ready(mountpoint: str, on_ready: Callable[[], None]) -> None:
     on_ready()
 
 
-async def _stop_on_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("stopping", signal=signal.Signals(signum).name)
-            pyfuse3.terminate()
-            return
+async def _stop_on_signal(signals) -> None:
+    stopping = False
+    async for signum in signals:
+        if stopping:
+            log.info("already stopping", signal=signal.Signals(signum).name)
+            continue
+        log.info("stopping", signal=signal.Signals(signum).name)
+        pyfuse3.terminate()
+        stopping = True
