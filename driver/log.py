@@ -1,9 +1,9 @@
 """Structured logging: one event per line, JSON for machines or console for people.
 
 Every component logs through structlog with key-value fields (``op``, ``key``, S3 status);
-the mount binds ``bucket`` and ``prefix`` (and the node server will bind the volume id)
-so each line says which volume it is about. Nothing here formats secrets: callers never
-pass them.
+a mount process binds ``bucket``, ``prefix`` and, when the node server started it, the
+CSI ``volume_id`` (passed in VOLUME_ID_ENV), so each line says which volume it is about.
+Nothing here formats secrets: callers never pass them.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import TextIO
 import structlog
 
 FORMATS = ("json", "console")
+# The environment, not an option: `pail mount` by hand has no CSI volume.
+VOLUME_ID_ENV = "PAIL_VOLUME_ID"
 
 
 def configure(fmt: str = "console", *, debug: bool = False, stream: TextIO | None = None,

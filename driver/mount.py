@@ -15,6 +15,7 @@ import structlog
 import trio
 
 from driver import readiness
+from driver.log import VOLUME_ID_ENV
 from driver.config import MountConfig
 from driver.fuse.session import serve
 from driver.s3.client import S3ObjectClient
@@ -43,7 +44,8 @@ class _Parent:
 def run_mount(config: MountConfig, region: str, session=None, *, ready_fd: int | None = None) -> int:
     parent = _Parent(ready_fd)
     _reuse_freed_buffers()
-    structlog.contextvars.bind_contextvars(bucket=config.s3.bucket, prefix=config.fs.prefix)
+    volume = {"volume_id": os.environ[VOLUME_ID_ENV]} if os.environ.get(VOLUME_ID_ENV) else {}
+    structlog.contextvars.bind_contextvars(**volume, bucket=config.s3.bucket, prefix=config.fs.prefix)
     log.info("starting", mountpoint=config.mountpoint, region=region, endpoint=_without_userinfo(config.s3.endpoint_url),
              read_only=config.fs.read_only, metadata_ttl=config.fs.metadata_ttl)
 

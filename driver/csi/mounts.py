@@ -31,6 +31,7 @@ import structlog
 
 from driver import readiness
 from driver.csi.errors import MOUNT_ERROR_CODES, CsiError
+from driver.log import VOLUME_ID_ENV
 from driver.mountpoint import mounts as mount_table
 
 log = structlog.get_logger("pail.csi.mounts")
@@ -190,6 +191,7 @@ class MountManager:
         command = [sys.executable, "-m", "driver", "mount", spec.bucket, target, *spec.options,
                    "--foreground", "--allow-other", "--log-format", "json", "--ready-fd", str(write_end)]
         env = dict(self._env if self._env is not None else os.environ)
+        env[VOLUME_ID_ENV] = spec.volume_id  # on every line the mount process logs
         if spec.credentials is not None:
             # The volume's own credentials only: nothing of the node's to fall back on.
             for name in _NODE_CREDENTIAL_VARIABLES:
@@ -252,9 +254,11 @@ class MountManager:
         self._reap()
 
     def _reap(self) -> None:
+        # gRPC worker threads reap concurrently: two may see the same child exit, and the
+        # second must not fail its call (KeyError) over a child the first one forgot.
         for pid, child in list(self._children.items()):
             if child.poll() is not None:
-                del self._children[pid]
+                self._children.pop(pid, None)
 
 
 _NODE_CREDENTIAL_VARIABLES = (

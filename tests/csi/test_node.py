@@ -125,3 +125,22 @@ def test_missing_bucket_is_not_found_and_leaves_nothing(s3_server, kubelet, attr
     target = kubelet.target(pod, "pv-missing")
     assert not mounted(target) and not target.exists()
     assert not list(kubelet.server.state_dir.glob("mounts/*.json"))
+
+
+def test_the_mount_process_logs_with_the_volume_id(bucket, kubelet, attributes):
+    pod = kubelet.new_pod()
+    target = kubelet.publish(pod, "pv-logged", attributes)
+    pids = [p for p in os.listdir("/proc") if p.isdigit() and _serves(int(p), target)]
+    assert len(pids) == 1
+    with open(f"/proc/{pids[0]}/environ", "rb") as environ:
+        assert b"PAIL_VOLUME_ID=pv-logged" in environ.read().split(b"\0")
+    kubelet.unpublish(pod, "pv-logged")
+
+
+def _serves(pid: int, target) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            args = cmdline.read().split(b"\0")
+    except OSError:
+        return False
+    return b"mount" in args and str(target).encode() in args

@@ -4,6 +4,7 @@ failed mount leaves nothing behind."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import time
@@ -251,3 +252,22 @@ def test_unmount_refuses_while_a_file_is_open(s3, bucket, mount_bucket):
     result = pail_cli("unmount", str(mount.path), env={})
     assert result.returncode == 0, result.stderr
     assert mount.process.wait(timeout=30) == 0
+
+
+def test_every_log_line_of_a_node_started_mount_names_its_volume(s3_server, s3, bucket, mountpoint, tmp_path):
+    """The node server passes the CSI volume id in PAIL_VOLUME_ID (tests/csi checks that it
+    does); every line the mount process logs then carries it, errors included."""
+    s3.put_object(Bucket=bucket, Key="hello.txt", Body=b"hi\n")
+    log_file = tmp_path / "mount.log"
+    result = pail_cli("mount", bucket, str(mountpoint), "--endpoint-url", s3_server.endpoint,
+                      "--log-format", "json", "--log-file", str(log_file),
+                      env={**s3_server.env(), "PAIL_VOLUME_ID": "pv-42"})
+    assert result.returncode == 0, result.stderr
+    assert (mountpoint / "hello.txt").read_bytes() == b"hi\n"
+    with pytest.raises(PermissionError):  # a refused write: logged as an error
+        os.remove(mountpoint / "hello.txt")
+    assert pail_cli("unmount", str(mountpoint), env={}).returncode == 0
+    assert_nothing_left(mountpoint)
+    events = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert {"starting", "mounted", "unmounted"} <= {e["event"] for e in events}
+    assert [e for e in events if e.get("volume_id") != "pv-42"] == []
