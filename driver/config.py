@@ -65,10 +65,10 @@ def parse_mode(text: str, option: str) -> int:
 
 
 def parse_id(text: str, option: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise ConfigError(option, f"expected a numeric id, not {text!r}") from None
+    # ASCII digits only: int() also reads "١٢٣" (123) and " 12", "1_000".
+    if not re.fullmatch(r"[0-9]{1,10}", text):
+        raise ConfigError(option, f"expected a numeric id, not {text!r}")
+    value = int(text)
     if not 0 <= value < 2**32 - 1:
         raise ConfigError(option, f"id {text!r} is out of range")
     return value

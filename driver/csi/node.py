@@ -154,7 +154,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         flags = parse_mount_flags(capability.mount.mount_flags)
         if capability.mount.volume_mount_group:
             group = capability.mount.volume_mount_group
-            if not group.isdigit():
+            if not re.fullmatch(r"[0-9]+", group):  # not str.isdigit(): "١٢٣" and "²" are digits
                 raise invalid(f"volume_mount_group {group!r} is not a numeric group id")
             for option, value in (("--gid", group), ("--file-mode", GROUP_FILE_MODE), ("--dir-mode", GROUP_DIR_MODE)):
                 if option not in flags:  # the PV's own mountOptions win

@@ -539,7 +539,7 @@ def test_a_size_of_too_many_digits_names_the_option(node):
 @FUZZ
 @given(group=st.one_of(st.text(min_size=1, max_size=30).filter(lambda g: not g.isdigit()),
                        st.integers(2**32 - 1, 10**30).map(str), st.integers(4301, 20_000).map(lambda n: "9" * n),
-                       st.sampled_from(["-1", "+1", " 1", "1 ", "0x10", "1e3", "²", "1,000", "1\0"])))
+                       st.sampled_from(["-1", "+1", " 1", "1 ", "0x10", "1e3", "²", "1,000", "1\0", "١٢٣", "1_000"])))
 def test_bad_volume_mount_group_is_invalid_argument(node, group):
     request = node.request(cap=capability(fs_group=group))
     node.publish_refused(request, {grpc.StatusCode.INVALID_ARGUMENT}, "volume_mount_group", "--gid")

@@ -66,8 +66,9 @@ def test_modes_ids_and_sizes():
     assert parse_id("1000", "--uid") == 1000
     with pytest.raises(ConfigError, match="--uid"):
         parse_id("-1", "--uid")
-    with pytest.raises(ConfigError, match="--gid"):
-        parse_id("root", "--gid")
+    for bad in ["root", "\u0661\u0662\u0663", " 12", "1_000", "+5"]:  # int() reads all but the first
+        with pytest.raises(ConfigError, match="--gid"):
+            parse_id(bad, "--gid")
     assert parse_size("8MiB", "--max-memory") == 8 * 2**20
     assert parse_size("512k", "--max-memory") == 512 * 2**10
     assert parse_size("1G", "--max-memory") == 2**30
