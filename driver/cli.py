@@ -144,6 +144,11 @@ def build_parser(strict: bool = False) -> argparse.ArgumentParser:
             serve.add_argument("--enable-ephemeral", action="store_true",
                                help="allow inline ephemeral volumes (with pod-level credentials only)")
             serve.add_argument("--controller", action="store_true", help="serve the controller service too")
+            serve.add_argument("--metrics-port", type=int, default=0,
+                               help="serve Prometheus metrics of the node and all its mounts on this "
+                                    "port, at /metrics (default 0: none)")
+            serve.add_argument("--metrics-address", default="0.0.0.0",
+                               help="address the metrics port listens on (default 0.0.0.0)")
             pod = serve.add_argument_group("pod-level credentials (authenticationSource: pod)")
             pod.add_argument("--sts-endpoint-url", help="STS endpoint for AssumeRoleWithWebIdentity "
                                                         "(default: the regional endpoint)")
@@ -315,6 +320,8 @@ def csi(args: argparse.Namespace, argv: Sequence[str]) -> int:
             parts = urlsplit(value or "")
             if value and value != "none" and (parts.scheme not in ("http", "https") or not parts.hostname):
                 raise ConfigError(option, f"expected http(s)://host[:port][/path], not {value!r}")
+        if not 0 <= args.metrics_port <= 65535:
+            raise ConfigError("--metrics-port", f"must be a port number (0: no metrics), not {args.metrics_port}")
         if args.kubeconfig and not os.path.isfile(args.kubeconfig):
             raise ConfigError("--kubeconfig", f"{args.kubeconfig}: no such file")
         pod_identity = PodIdentitySettings(
@@ -328,7 +335,8 @@ def csi(args: argparse.Namespace, argv: Sequence[str]) -> int:
                  state_dir=Path(args.state_dir) if node else Path("/nonexistent"),
                  kubelet_dir=args.kubelet_dir if node else "", enable_ephemeral=node and args.enable_ephemeral,
                  pod_identity=pod_identity, kubeconfig=args.kubeconfig if node else None,
-                 controller_settings=controller_settings)
+                 controller_settings=controller_settings,
+                 metrics=(args.metrics_address, args.metrics_port) if node and args.metrics_port else None)
     return 0
 
 

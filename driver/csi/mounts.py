@@ -28,6 +28,7 @@ from pathlib import Path
 
 import grpc
 import structlog
+from prometheus_client.multiprocess import mark_process_dead
 
 from driver import readiness
 from driver.csi.errors import MOUNT_ERROR_CODES, CsiError
@@ -68,13 +69,18 @@ class MountRecord:
 
 
 class MountManager:
-    def __init__(self, state_dir: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, state_dir: Path, *, env: dict[str, str] | None = None,
+                 metrics_dir: Path | None = None) -> None:
         self._dir = state_dir / "mounts"
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._credentials_dir = state_dir / "credentials"
         self._credentials_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self._credentials_dir, 0o700)  # whatever an older run or umask left
         self._env = env
+        # Mount processes count into files here (driver.metrics); driver.csi.metrics serves them.
+        self._metrics_dir = metrics_dir
+        if metrics_dir is not None:
+            metrics_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._children: dict[int, subprocess.Popen] = {}
 
     # -- records ---------------------------------------------------------------------------
@@ -172,6 +178,10 @@ class MountManager:
                 path.unlink(missing_ok=True)
         return kept, cleaned
 
+    def is_serving(self, record: MountRecord) -> bool:
+        """Its process runs and it is mounted (without a request to the mount)."""
+        return _process_serves(record.pid, record.target) and _is_mount_point(record.target)
+
     def is_live(self, record: MountRecord) -> bool:
         """The mount is there, its process runs, and it answers (a dead FUSE mount
         answers ENOTCONN)."""
@@ -192,6 +202,9 @@ class MountManager:
                    "--foreground", "--allow-other", "--log-format", "json", "--ready-fd", str(write_end)]
         env = dict(self._env if self._env is not None else os.environ)
         env[VOLUME_ID_ENV] = spec.volume_id  # on every line the mount process logs
+        env.pop(_METRICS_DIR_ENV, None)
+        if self._metrics_dir is not None:
+            env[_METRICS_DIR_ENV] = str(self._metrics_dir)
         if spec.credentials is not None:
             # The volume's own credentials only: nothing of the node's to fall back on.
             for name in _NODE_CREDENTIAL_VARIABLES:
@@ -228,6 +241,9 @@ class MountManager:
                 subprocess.run(["fusermount3", "-u", "-z", target], capture_output=True, text=True)
         if pid is not None and _process_serves(pid, target):
             self._stop(pid)
+        if pid is not None and self._metrics_dir is not None and not process_alive(pid):
+            # Its open handles no longer count; its counters still do.
+            mark_process_dead(pid, str(self._metrics_dir))
         self._record_path(target).unlink(missing_ok=True)
         Path(self.credentials_path(target)).unlink(missing_ok=True)
         try:
@@ -245,10 +261,10 @@ class MountManager:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 break
-            while time.monotonic() < deadline and _alive(pid):
+            while time.monotonic() < deadline and process_alive(pid):
                 self._reap()
                 time.sleep(0.05)
-            if not _alive(pid):
+            if not process_alive(pid):
                 break
             deadline = time.monotonic() + STOP_TIMEOUT
         self._reap()
@@ -260,6 +276,9 @@ class MountManager:
             if child.poll() is not None:
                 self._children.pop(pid, None)
 
+
+# prometheus-client's multiprocess mode: where a process keeps its values.
+_METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _NODE_CREDENTIAL_VARIABLES = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ROLE_ARN",
@@ -276,7 +295,7 @@ def _is_mount_point(path: str) -> bool:
     return any(point == path for point, _ in mount_table())
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
@@ -291,7 +310,7 @@ def _process_serves(pid: int, target: str) -> bool:
             args = cmdline.read().split(b"\0")
     except OSError:
         return False
-    return target.encode() in args and b"mount" in args and _alive(pid)
+    return target.encode() in args and b"mount" in args and process_alive(pid)
 
 
 def _read_line(fd: int, timeout: float) -> str:

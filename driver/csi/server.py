@@ -25,7 +25,8 @@ import structlog
 from csi import csi_pb2_grpc
 from driver.csi.identity import IdentityService, can_mount
 from driver.csi.interceptor import LoggingInterceptor
-from driver.csi.mounts import MountManager
+from driver.csi import metrics as node_metrics
+from driver.csi.mounts import MountManager, process_alive
 from driver.csi.node import NodeService
 from driver.csi.volume_credentials import KubernetesServiceAccounts, PodIdentitySettings
 
@@ -50,18 +51,23 @@ def socket_path(endpoint: str) -> str:
 
 def serve(endpoint: str, *, node_id: str | None, controller: bool, state_dir: Path, kubelet_dir: str,
           enable_ephemeral: bool, pod_identity: PodIdentitySettings = PodIdentitySettings(),
-          kubeconfig: str | None = None, controller_settings=None, workers: int = 16) -> None:
+          kubeconfig: str | None = None, controller_settings=None, workers: int = 16,
+          metrics: tuple[str, int] | None = None) -> None:
     """Serve until SIGTERM or SIGINT. A node server first re-adopts the mounts it made.
     ``controller_settings`` (driver.csi.controller.ControllerSettings): where the controller's
-    S3 requests go."""
+    S3 requests go. ``metrics``: (address, port) of a node's /metrics, or None."""
     path = socket_path(endpoint)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[LoggingInterceptor()])
     ready = can_mount if node_id else (lambda: True)
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(ready), server)
     if node_id:
-        mounts = MountManager(state_dir)
+        metrics_dir = node_metrics.directory(state_dir) if metrics else None
+        mounts = MountManager(state_dir, metrics_dir=metrics_dir)
         kept, cleaned = mounts.adopt()
         log.info("mounts adopted", kept=kept, cleaned=cleaned)
+        if metrics is not None and metrics_dir is not None:
+            node_metrics.forget_ended_processes(metrics_dir, process_alive)
+            node_metrics.serve(metrics_dir, mounts, *metrics)
         node = NodeService(node_id, mounts, kubelet_dir=kubelet_dir, enable_ephemeral=enable_ephemeral,
                            service_accounts=KubernetesServiceAccounts(kubeconfig), pod_identity=pod_identity)
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)

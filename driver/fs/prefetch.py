@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import structlog
 import trio
 
+from driver import metrics
 from driver.fs.errors import FsError, from_store
 from driver.s3.api import ObjectClient, ObjectClientError
 
@@ -157,13 +158,17 @@ class Prefetcher:
         if not sequential:
             self._reset()
         self._drop_behind(offset)
+        fetched_before = len(self._chunks)
         self._cover(offset, end)
+        needed = [c for c in self._chunks if c.start < end and c.end > offset]
+        metrics.prefetch_read("miss" if len(self._chunks) > fetched_before
+                              else "hit" if all(c.done.is_set() for c in needed) else "wait")
         self._position = max(self._position, end) if sequential else end
         if sequential:
             self._prefetch_ahead()
         parts = []
         pos = offset
-        for chunk in [c for c in self._chunks if c.start < end and c.end > offset]:
+        for chunk in needed:
             await chunk.done.wait()
             if chunk.cancelled:
                 break  # another read on this handle moved the window: fetch the rest directly

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import pyfuse3
 import structlog
 
+from driver import metrics
 from driver.fs.core import Filesystem
 from driver.fs.errors import FsError
 from driver.fs.inode import Inode
@@ -37,18 +38,23 @@ _QUIET_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.E
 
 @contextlib.contextmanager
 def _errors(op: str, **fields: object) -> Iterator[None]:
+    """Turn the core's errors into the kernel's, logged and counted."""
     try:
         yield
     except FsError as exc:
         level = log.debug if exc.errno in _QUIET_ERRNOS else log.warning
         level("operation failed", op=op, errno=errno.errorcode.get(exc.errno, exc.errno),
               reason=exc.reason, **fields, **exc.fields)
+        metrics.fuse_operation(op, exc.errno)
         raise pyfuse3.FUSEError(exc.errno) from None
-    except pyfuse3.FUSEError:
+    except pyfuse3.FUSEError as exc:
+        metrics.fuse_operation(op, exc.errno)
         raise
     except Exception:
         log.exception("operation failed unexpectedly", op=op, **fields)
+        metrics.fuse_operation(op, errno.EIO)
         raise pyfuse3.FUSEError(errno.EIO) from None
+    metrics.fuse_operation(op)
 
 
 class Operations(pyfuse3.Operations):
@@ -102,18 +108,17 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode, name, ctx=None):
         text = os.fsdecode(name)
         log.debug("lookup", op="lookup", parent=parent_inode, name=text)
-        with _errors("lookup", parent=parent_inode, name=text):
-            try:
-                inode = await self.fs.lookup(parent_inode, text)
-            except FsError as exc:
-                if exc.errno == errno.ENOENT and self._ttl > 0:
-                    # Let the kernel cache the miss for the TTL, as it caches hits.
-                    miss = pyfuse3.EntryAttributes()
-                    miss.st_ino = 0
-                    miss.entry_timeout = self._ttl
-                    return miss
-                raise
-            return self._attributes(inode)
+        try:
+            with _errors("lookup", parent=parent_inode, name=text):
+                return self._attributes(await self.fs.lookup(parent_inode, text))
+        except pyfuse3.FUSEError as exc:
+            if exc.errno == errno.ENOENT and self._ttl > 0:
+                # Let the kernel cache the miss for the TTL, as it caches hits.
+                miss = pyfuse3.EntryAttributes()
+                miss.st_ino = 0
+                miss.entry_timeout = self._ttl
+                return miss
+            raise
 
     async def forget(self, inode_list):
         for ino, count in inode_list:
@@ -140,7 +145,9 @@ class Operations(pyfuse3.Operations):
     async def opendir(self, inode, ctx):
         log.debug("opendir", op="opendir", inode=inode)
         with _errors("opendir", inode=inode):
-            return await self.fs.opendir(inode)
+            fh = await self.fs.opendir(inode)
+        metrics.handles(+1)
+        return fh
 
     async def readdir(self, fh, start_id, token):
         log.debug("readdir", op="readdir", fh=fh, start=start_id)
@@ -152,6 +159,7 @@ class Operations(pyfuse3.Operations):
             await self.fs.readdir(fh, start_id, emit)
 
     async def releasedir(self, fh):
+        metrics.handles(-1)
         self.fs.releasedir(fh)
 
     # -- files ---------------------------------------------------------------------------
@@ -160,24 +168,30 @@ class Operations(pyfuse3.Operations):
         log.debug("open", op="open", inode=inode, flags=flags, pid=ctx.pid)
         with _errors("open", inode=inode):
             fh, keep_cache = await self.fs.open(inode, flags, ctx.pid)
-            return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+        metrics.handles(+1)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     async def read(self, fh, off, size):
         log.debug("read", op="read", fh=fh, offset=off, size=size)
         with _errors("read", fh=fh, offset=off, size=size):
-            return await self.fs.read(fh, off, size)
+            data = await self.fs.read(fh, off, size)
+        metrics.read_bytes(len(data))
+        return data
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         text = os.fsdecode(name)
         log.debug("create", op="create", parent=parent_inode, name=text, flags=flags, pid=ctx.pid)
         with _errors("create", parent=parent_inode, name=text):
             inode, fh = await self.fs.create(parent_inode, text, flags, ctx.pid)
-            return pyfuse3.FileInfo(fh=fh), self._attributes(inode)
+        metrics.handles(+1)
+        return pyfuse3.FileInfo(fh=fh), self._attributes(inode)
 
     async def write(self, fh, off, buf):
         log.debug("write", op="write", fh=fh, offset=off, size=len(buf))
         with _errors("write", fh=fh, offset=off, size=len(buf)):
-            return await self.fs.write(fh, off, buf)
+            written = await self.fs.write(fh, off, buf)
+        metrics.written_bytes(written)
+        return written
 
     async def flush(self, fh):
         log.debug("flush", op="flush", fh=fh)
@@ -200,6 +214,7 @@ class Operations(pyfuse3.Operations):
 
     async def release(self, fh):
         log.debug("release", op="release", fh=fh)
+        metrics.handles(-1)  # gone for the kernel, whatever the upload's outcome
         with _errors("release", fh=fh):
             await self.fs.release(fh)
 

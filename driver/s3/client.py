@@ -23,7 +23,7 @@ import trio
 from botocore import UNSIGNED
 from botocore.retries import standard as standard_retries
 
-from driver import credentials
+from driver import credentials, metrics
 from driver.config import S3Settings
 from driver.credentials import CredentialError
 from driver.s3 import api, options
@@ -193,10 +193,16 @@ class S3ObjectClient:
         params = {"Bucket": self.settings.bucket, **params, **options.boto_params(self.settings, operation)}
 
         def run() -> dict:
-            try:
-                return method(**params)
-            except Exception as exc:  # mapped here, in the thread, with the traceback intact
-                raise _error_from_boto(exc, operation, what) from None
+            with metrics.timed_s3_request(operation) as status:
+                try:
+                    response = method(**params)
+                except Exception as exc:  # mapped here, in the thread, with the traceback intact
+                    error = _error_from_boto(exc, operation, what)
+                    if error.status is not None:
+                        status.append(error.status)
+                    raise error from None
+                status.append(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 200))
+                return response
         return await trio.to_thread.run_sync(run, limiter=self._limiter)
 
     async def head_bucket(self) -> None:
@@ -304,6 +310,17 @@ def _snake(operation: str) -> str:
 
 
 def _head_bucket(client, settings: S3Settings) -> None:
+    with metrics.timed_s3_request("HeadBucket") as status:
+        try:
+            _head_bucket_uncounted(client, settings)
+        except api.ObjectClientError as exc:
+            if exc.status is not None:
+                status.append(exc.status)
+            raise
+        status.append(200)
+
+
+def _head_bucket_uncounted(client, settings: S3Settings) -> None:
     bucket = settings.bucket
     try:
         client.head_bucket(Bucket=bucket, **options.boto_params(settings, "HeadBucket"))

@@ -27,6 +27,7 @@ import awscrt.s3
 import boto3
 import trio
 
+from driver import metrics
 from driver.config import S3Settings
 from driver.s3 import api, options
 from driver.s3.list_xml import ListParseError, parse_list_page
@@ -132,8 +133,10 @@ class CrtRequests:
                                           awscrt.http.HttpHeaders(all_headers),
                                           io.BytesIO(bytes(body)) if body is not None else None)
         response: dict[str, str] = {}
+        answered: list[int] = []
 
         def on_headers(status_code: int, headers: list[tuple[str, str]], **_: Any) -> None:
+            answered.append(status_code)
             response.update((name.lower(), value) for name, value in headers)
 
         # GetObject as a GET_OBJECT meta request: awscrt would split a range larger than
@@ -141,11 +144,15 @@ class CrtRequests:
         kind = awscrt.s3.S3RequestType.GET_OBJECT if operation == "GetObject" else awscrt.s3.S3RequestType.DEFAULT
         meta = self._client.make_request(type=kind, request=request, on_headers=on_headers,
                                          on_body=on_body, operation_name=operation)
-        with trio.move_on_after(self._deadline) as timeout:
+        with metrics.timed_s3_request(operation) as status, trio.move_on_after(self._deadline) as timeout:
             try:
                 await _wait(meta.finished_future, meta.cancel)
             except awscrt.exceptions.AwsCrtError as exc:
-                raise _error_from_crt(exc, key, operation) from None
+                error = _error_from_crt(exc, key, operation)
+                if isinstance(exc, awscrt.s3.S3ResponseError) or answered:
+                    status.append(error.status or answered[-1])
+                raise error from None
+            status.extend(answered[-1:] or [200])
         if timeout.cancelled_caught:
             meta.cancel()
             raise api.Unreachable(f"{operation} {key}: no answer within {self._deadline:.0f} s",

@@ -1,0 +1,78 @@
+"""Prometheus metrics of the mount processes, served by the node server for all of them.
+
+A mount process counts what it does; it serves nothing. The node server starts each one
+with PROMETHEUS_MULTIPROC_DIR set to a directory of its state dir: prometheus-client then
+keeps every value in a memory-mapped file there (no thread, no socket, a dict update per
+increment), and the node server's /metrics sums the files of all mount processes, so a
+node has one scrape port however many volumes it mounts. ``pail mount`` by hand has no
+such directory: its values stay in its memory, unserved.
+
+Every series has the CSI ``volume`` (empty for ``pail mount`` by hand).
+"""
+
+from __future__ import annotations
+
+import errno as errno_codes
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from driver.log import VOLUME_ID_ENV
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+VOLUME = os.environ.get(VOLUME_ID_ENV, "")
+
+S3_REQUESTS = Counter("pail_s3_requests", "S3 requests sent (retries by the HTTP client count once)",
+                      ["volume", "operation", "status"])
+S3_SECONDS = Histogram("pail_s3_request_duration_seconds", "Time from sending an S3 request to its end",
+                       ["volume", "operation"],
+                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+BYTES_READ = Counter("pail_read_bytes", "Bytes returned to reads of the mount", ["volume"])
+BYTES_WRITTEN = Counter("pail_written_bytes", "Bytes written to files of the mount", ["volume"])
+PREFETCH_READS = Counter("pail_prefetch_reads", "Reads by where their bytes were: hit (fetched already), "
+                         "wait (requested ahead, not arrived yet), miss (requested for this read)",
+                         ["volume", "result"])
+FUSE_OPERATIONS = Counter("pail_fuse_operations", "File system operations answered, by errno (OK: none)",
+                          ["volume", "operation", "errno"])
+OPEN_HANDLES = Gauge("pail_open_handles", "Open files and directories", ["volume"], multiprocess_mode="livesum")
+
+
+def s3_request(operation: str, status: int | str, seconds: float) -> None:
+    S3_REQUESTS.labels(VOLUME, operation, str(status)).inc()
+    S3_SECONDS.labels(VOLUME, operation).observe(seconds)
+
+
+@contextmanager
+def timed_s3_request(operation: str) -> Iterator[list[int | str]]:
+    """Count one request; the caller puts its HTTP status in the yielded list (else it
+    counts as 'error': no answer)."""
+    status: list[int | str] = []
+    started = time.monotonic()
+    try:
+        yield status
+    finally:
+        s3_request(operation, status[0] if status else "error", time.monotonic() - started)
+
+
+def fuse_operation(operation: str, error: int | None = None) -> None:
+    name = "OK" if error is None else errno_codes.errorcode.get(error, str(error))
+    FUSE_OPERATIONS.labels(VOLUME, operation, name).inc()
+
+
+def read_bytes(n: int) -> None:
+    BYTES_READ.labels(VOLUME).inc(n)
+
+
+def written_bytes(n: int) -> None:
+    BYTES_WRITTEN.labels(VOLUME).inc(n)
+
+
+def prefetch_read(result: str) -> None:
+    PREFETCH_READS.labels(VOLUME, result).inc()
+
+
+def handles(delta: int) -> None:
+    OPEN_HANDLES.labels(VOLUME).inc(delta)
