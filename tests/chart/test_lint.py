@@ -28,7 +28,7 @@ def test_default_render_is_what_deploy_manifests_use(helm):
     assert bare.objects == h.render(h.VALUES / "defaults.yaml").objects
     kinds = sorted({o["kind"] for o in bare.objects if not h.is_hook(o)})
     assert kinds == ["CSIDriver", "ClusterRole", "ClusterRoleBinding", "DaemonSet", "Deployment",
-                     "Role", "RoleBinding", "ServiceAccount"]
+                     "Role", "RoleBinding", "Service", "ServiceAccount"]
 
 
 @pytest.mark.parametrize("version,ok", [("1.27.9", False), ("1.28.0", True), ("1.35.2", True)])
