@@ -220,3 +220,18 @@ def test_interceptor_logs_one_event_per_call(csi_stubs, restore_logging, debug):
     else:
         assert probe == []
         assert all("request" not in e for e in events)
+
+
+def test_library_log_lines_carry_the_bound_volume_id():
+    stream = io.StringIO()
+    pail_log.configure("json", stream=stream)
+    structlog.contextvars.bind_contextvars(volume_id="pv-7")
+    try:
+        structlog.get_logger("pail.test").info("ours")
+        logging.getLogger("botocore.retries").warning("a library's line")
+    finally:
+        structlog.contextvars.unbind_contextvars("volume_id")
+        pail_log.configure("console")
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(e["event"], e.get("volume_id"), e.get("level")) for e in events] == \
+        [("ours", "pv-7", "info"), ("a library's line", "pv-7", "warning")]
