@@ -2,9 +2,9 @@
 counters (driver.metrics), on one port for the whole node.
 
 Mount processes write their values to files in ``<state dir>/metrics`` (prometheus-client's
-multiprocess mode); this process reads them at each scrape. The files of processes that
-ended are dropped when the server starts: their counters restart from zero, which
-Prometheus reads as a counter reset.
+multiprocess mode); this process reads them at each scrape. A mount process's files are
+removed when its volume is unpublished (MountManager), or, if it ended while no server
+ran, when the server starts: the volume's series end with it.
 """
 
 from __future__ import annotations

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import grpc
 import structlog
-from prometheus_client.multiprocess import mark_process_dead
 
 from driver import readiness
 from driver.csi.errors import MOUNT_ERROR_CODES, CsiError
@@ -242,8 +241,10 @@ class MountManager:
         if pid is not None and _process_serves(pid, target):
             self._stop(pid)
         if pid is not None and self._metrics_dir is not None and not process_alive(pid):
-            # Its open handles no longer count; its counters still do.
-            mark_process_dead(pid, str(self._metrics_dir))
+            # The volume's series end with it; files of every ended mount would otherwise
+            # pile up and be read at every scrape.
+            for file in self._metrics_dir.glob(f"*_{pid}.db"):
+                file.unlink(missing_ok=True)
         self._record_path(target).unlink(missing_ok=True)
         Path(self.credentials_path(target)).unlink(missing_ok=True)
         try:

@@ -103,3 +103,17 @@ def test_counters_match_the_requests_and_bytes_of_a_workload(s3, bucket, proxy, 
     assert total(both, "pail_mounts", state="running") == 2
     assert {dict(labels).get("volume") for (name, labels) in both if name == "pail_s3_requests_total"} \
         == {"pv-metrics", "pv-other"}
+
+
+def test_a_volumes_series_end_when_it_is_unpublished(s3, bucket, metrics_node, s3_server):
+    kubelet, port = metrics_node
+    s3.put_object(Bucket=bucket, Key="a.txt", Body=b"a")
+    pod = kubelet.new_pod()
+    attributes = {"bucketName": bucket, "endpoint": s3_server.endpoint, "region": "us-east-1"}
+    target = kubelet.publish(pod, "pv-gone", attributes)
+    assert (target / "a.txt").read_bytes() == b"a"
+    assert any(dict(labels).get("volume") == "pv-gone" for (_, labels) in scrape(port))
+    kubelet.unpublish(pod, "pv-gone")
+    after = scrape(port)
+    assert not any(dict(labels).get("volume") == "pv-gone" for (_, labels) in after)
+    assert total(after, "pail_mounts") == 0
