@@ -10,8 +10,9 @@ that a program reading in random order rarely starts it by chance.
 What makes it safe: each GET carries If-Match with the ETag the listing gave, and a fetched
 body is used only by an open that found the same ETag; anything else is dropped unread. What
 bounds it: only files up to SMALL_FILE bytes, at most AHEAD of them per directory, memory
-from the mount's budget only when it is free, and the bodies nobody opened are dropped as
-the reader moves on. A program reading in another order never starts it.
+from the mount's budget only when it is free, the bodies nobody opened dropped as the reader
+moves on, and at most MAX_FETCHED held for all directories together. A program reading in
+another order never starts it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ IN_ORDER_STEP = 2
 IN_ORDER_OPENS = 2
 # Directories whose last open position is remembered.
 TRACKED_DIRECTORIES = 64
+# Bodies held for all directories together: a program that stops in the middle of a
+# directory leaves what was fetched for it until others push it out.
+MAX_FETCHED = 2 * AHEAD
 
 
 @dataclass(eq=False)
@@ -104,6 +108,8 @@ class NextFiles:
         chunk = Chunk(0, info.size, reserved=charge, speculative=True)
         self._fetched[info.key] = _Fetched(directory, position, info.etag, chunk)
         self._nursery.start_soon(fetch, chunk, self._client, info.key, info.etag, self._budget)
+        while len(self._fetched) > MAX_FETCHED:
+            cancel(self._fetched.pop(next(iter(self._fetched))).chunk, self._budget)  # the oldest
         return True
 
     def _drop_passed(self, directory: int, position: int) -> None:

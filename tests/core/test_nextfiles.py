@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import trio
 
 from driver.fs.inode import ROOT_INODE
 from driver.fs.nextfiles import AHEAD, SMALL_FILE
@@ -132,3 +133,23 @@ def test_a_failed_fetch_ahead_is_not_the_readers_error():
     assert read == {n: contents[n] for n in names}
     assert not client.failing  # the fetches ahead did fail
     assert used == 0
+
+
+def test_readers_that_stop_midway_hold_at_most_a_few_bodies():
+    client = MemoryClient()
+    for directory in ("a", "b", "c"):
+        for i in range(FILES):
+            client.put(f"{directory}/f{i:03d}", b"x" * 1000)
+
+    async def body(fs):
+        for directory in ("a", "b", "c"):  # each read in order for 4 files, then left
+            inode = await fs.lookup(ROOT_INODE, directory)
+            await listdir(fs, inode.ino)
+            for i in range(4):
+                await cat(fs, inode, f"f{i:03d}")
+        await trio.sleep(0.1)  # the fetches ahead arrive
+        return fs.budget.used
+
+    used = run(client, body, metadata_ttl=60)
+    # Three directories left with AHEAD bodies each would hold 3 * AHEAD.
+    assert 0 < used <= 2 * AHEAD * 1000
