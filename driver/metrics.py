@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from prometheus_client import Counter, Gauge, Histogram
 
 from driver.log import VOLUME_ID_ENV
+from driver.s3.api import ObjectClientError
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 VOLUME = os.environ.get(VOLUME_ID_ENV, "")
@@ -40,21 +41,21 @@ FUSE_OPERATIONS = Counter("pail_fuse_operations", "File system operations answer
 OPEN_HANDLES = Gauge("pail_open_handles", "Open files and directories", ["volume"], multiprocess_mode="livesum")
 
 
-def s3_request(operation: str, status: int | str, seconds: float) -> None:
-    S3_REQUESTS.labels(VOLUME, operation, str(status)).inc()
-    S3_SECONDS.labels(VOLUME, operation).observe(seconds)
-
-
 @contextmanager
-def timed_s3_request(operation: str) -> Iterator[list[int | str]]:
-    """Count one request; the caller puts its HTTP status in the yielded list (else it
-    counts as 'error': no answer)."""
-    status: list[int | str] = []
+def timed_s3_request(operation: str) -> Iterator[list[int]]:
+    """Count one request: the caller puts its HTTP status in the yielded list, or raises
+    an ObjectClientError, whose status counts; neither: 'error' (no answer)."""
+    status: list[int] = []
     started = time.monotonic()
     try:
         yield status
+    except ObjectClientError as exc:
+        if not status and exc.status is not None:
+            status.append(exc.status)
+        raise
     finally:
-        s3_request(operation, status[0] if status else "error", time.monotonic() - started)
+        S3_REQUESTS.labels(VOLUME, operation, str(status[0]) if status else "error").inc()
+        S3_SECONDS.labels(VOLUME, operation).observe(time.monotonic() - started)
 
 
 def fuse_operation(operation: str, error: int | None = None) -> None:

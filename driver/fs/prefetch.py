@@ -284,11 +284,8 @@ class Prefetcher:
             return False
         chunk = Chunk(start, end, reserved=charge)
         self._chunks.append(chunk)
-        self._nursery.start_soon(self._fetch, chunk)
+        self._nursery.start_soon(fetch, chunk, self._client, self._key, self._etag, self._budget)
         return True
-
-    async def _fetch(self, chunk: Chunk) -> None:
-        await fetch(chunk, self._client, self._key, self._etag, self._budget)
 
     def _cancel(self, chunk: Chunk) -> None:
         cancel(chunk, self._budget)

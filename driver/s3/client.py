@@ -197,10 +197,7 @@ class S3ObjectClient:
                 try:
                     response = method(**params)
                 except Exception as exc:  # mapped here, in the thread, with the traceback intact
-                    error = _error_from_boto(exc, operation, what)
-                    if error.status is not None:
-                        status.append(error.status)
-                    raise error from None
+                    raise _error_from_boto(exc, operation, what) from None
                 status.append(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 200))
                 return response
         return await trio.to_thread.run_sync(run, limiter=self._limiter)
@@ -310,28 +307,19 @@ def _snake(operation: str) -> str:
 
 
 def _head_bucket(client, settings: S3Settings) -> None:
+    bucket = settings.bucket
     with metrics.timed_s3_request("HeadBucket") as status:
         try:
-            _head_bucket_uncounted(client, settings)
-        except api.ObjectClientError as exc:
-            if exc.status is not None:
-                status.append(exc.status)
-            raise
+            client.head_bucket(Bucket=bucket, **options.boto_params(settings, "HeadBucket"))
+        except botocore.exceptions.ClientError as exc:
+            # HeadBucket has no body, so no error code: a 404 can only mean the bucket.
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                raise api.NoSuchBucket(f"HeadBucket {bucket}: 404", operation="HeadBucket",
+                                       status=404, code="NoSuchBucket") from None
+            raise _error_from_boto(exc, "HeadBucket", bucket) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise _error_from_boto(exc, "HeadBucket", bucket) from None
         status.append(200)
-
-
-def _head_bucket_uncounted(client, settings: S3Settings) -> None:
-    bucket = settings.bucket
-    try:
-        client.head_bucket(Bucket=bucket, **options.boto_params(settings, "HeadBucket"))
-    except botocore.exceptions.ClientError as exc:
-        # HeadBucket has no body, so no error code: a 404 can only mean the bucket.
-        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-            raise api.NoSuchBucket(f"HeadBucket {bucket}: 404", operation="HeadBucket",
-                                   status=404, code="NoSuchBucket") from None
-        raise _error_from_boto(exc, "HeadBucket", bucket) from None
-    except botocore.exceptions.BotoCoreError as exc:
-        raise _error_from_boto(exc, "HeadBucket", bucket) from None
 
 
 def check_bucket(settings: S3Settings, region: str, session: boto3.Session | None = None) -> None:

@@ -149,8 +149,8 @@ class CrtRequests:
                 await _wait(meta.finished_future, meta.cancel)
             except awscrt.exceptions.AwsCrtError as exc:
                 error = _error_from_crt(exc, key, operation)
-                if isinstance(exc, awscrt.s3.S3ResponseError) or answered:
-                    status.append(error.status or answered[-1])
+                if error.status is None and answered:
+                    status.append(answered[-1])  # an answer, then the failure
                 raise error from None
             status.extend(answered[-1:] or [200])
         if timeout.cancelled_caught:

@@ -9,19 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from driver.csi.mounts import process_alive
 from tests.support.kubelet import mounted
+from tests.support.processes import proc_status_bytes
 
 KiB, MiB = 1024, 1024 * 1024
 VOLUMES = 20
 DEADLINE = 100.0  # seconds for all publishes (or unpublishes) together; each call has 90
-
-
-def _status(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * KiB
-    raise AssertionError(f"no {field}")
 
 
 def _pss(pid: int) -> int:
@@ -32,14 +26,6 @@ def _pss(pid: int) -> int:
             if line.startswith("Pss:"):
                 return int(line.split()[1]) * KiB
     raise AssertionError("no Pss")
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _all_done(futures, what: str) -> list:
@@ -78,7 +64,7 @@ def test_twenty_volumes_published_and_unpublished_at_once(s3, bucket, kubelet, a
         assert sorted(r["target"] for r in records) == sorted(map(str, targets))
         pids = [r["pid"] for r in records]
         assert len(set(pids)) == VOLUMES, "one mount process per volume"
-        rss = [_status(pid, "VmRSS") for pid in pids]
+        rss = [proc_status_bytes(pid, "VmRSS") for pid in pids]
         pss = [_pss(pid) for pid in pids]
 
         def unpublish(i: int) -> None:
@@ -95,7 +81,7 @@ def test_twenty_volumes_published_and_unpublished_at_once(s3, bucket, kubelet, a
         left = [line.split()[4] for line in mountinfo if line.split()[4].startswith(prefix)]
     assert not left, f"still mounted: {left}"
     assert not any(t.exists() for t in targets), "the driver removes the targets it made"
-    assert not [pid for pid in pids if _running(pid)], "every mount process ended"
+    assert not [pid for pid in pids if process_alive(pid)], "every mount process ended"
     assert not list(server.state_dir.glob("mounts/*.json")), "no records left"
     assert not list(server.state_dir.glob("credentials/*")), "no credentials left"
     assert server.running

@@ -18,6 +18,7 @@ a bind of the volume's target path, taken when the container started
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import signal
@@ -32,10 +33,12 @@ from csi import csi_pb2, csi_pb2_grpc
 from tests.support.kubelet import Kubelet, NodeServer, mounted
 from tests.support.namespaces import (PodContainer, SharedDirectory, alive, children, cmdline, fuse_mounts_at,
                                       mount_process, namespace_pid, node_container_prefix)
+from tests.support.processes import errno_of, wait_until
 
 pytestmark = pytest.mark.s3_servers("seaweedfs")
 
 WAIT = 60.0  # bound of every wait; nothing here asserts how long anything took
+wait = functools.partial(wait_until, timeout=WAIT)
 
 
 class NodeContainer:
@@ -149,32 +152,6 @@ def node(s3_server, tmp_path):
         node.close()
 
 
-def _record(server: NodeServer, target: Path) -> dict | None:
-    for path in server.state_dir.glob("mounts/*.json"):
-        record = json.loads(path.read_text())
-        if record["target"] == str(target):
-            return record
-    return None
-
-
-def _wait(condition, what: str):
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"not within {WAIT} s: {what}")
-
-
-def _errno(call) -> int | None:
-    try:
-        call()
-    except OSError as exc:
-        return exc.errno
-    return None
-
-
 def _object(s3, bucket: str, key: str) -> bytes | None:
     try:
         return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -195,7 +172,7 @@ def test_the_grpc_server_crashes_and_comes_back_without_any_mount_noticing(node,
     app = node.pod(target, "app")
     assert app.read("input.txt") == b"before the crash"
     mounter = mount_process(target)
-    recorded = _record(container.server, target)["pid"]
+    recorded = container.server.record(target)["pid"]
     assert mounter is not None and namespace_pid(mounter) == recorded
 
     reader = app.keep_reading("input.txt")  # the pod uses its volume all along
@@ -217,12 +194,12 @@ def test_the_grpc_server_crashes_and_comes_back_without_any_mount_noticing(node,
           f"serving {_seconds(serving) - killed:.2f} s → Probe ready {answered - killed:.2f} s")
 
     # The same mount process serves the pod, which reads and writes as before.
-    assert mount_process(target) == mounter and _record(container.server, target)["pid"] == recorded
+    assert mount_process(target) == mounter and container.server.record(target)["pid"] == recorded
     assert app.read("input.txt") == b"before the crash"
     app.write("after-the-crash.txt", b"written by the pod")
     # The pod's processes are not in the mount process's PID namespace: the upload
     # completes at release, just after close() returned.
-    assert _wait(lambda: _object(s3, bucket, "after-the-crash.txt"), "the pod's file in S3") == b"written by the pod"
+    assert wait(lambda: _object(s3, bucket, "after-the-crash.txt"), "the pod's file in S3") == b"written by the pod"
 
     kubelet = Kubelet(container.server)  # a new connection, as kubelet's is after a restart
     kubelet.publish(pod, "pv-data", attributes)  # the periodic republish: nothing to do
@@ -232,8 +209,8 @@ def test_the_grpc_server_crashes_and_comes_back_without_any_mount_noticing(node,
     app.stop()  # kubelet unpublishes once the pod's containers are gone
     kubelet.unpublish(pod, "pv-data")
     assert not mounted(target) and not target.exists()
-    _wait(lambda: not Path(f"/proc/{mounter}").exists(), "the mount process ends and the supervisor reaps it")
-    assert _record(container.server, target) is None
+    wait(lambda: not Path(f"/proc/{mounter}").exists(), "the mount process ends and the supervisor reaps it")
+    assert container.server.record(target) is None
 
 
 def test_a_container_restart_leaves_running_pods_a_dead_volume(node, s3, bucket, attributes):
@@ -251,11 +228,11 @@ def test_a_container_restart_leaves_running_pods_a_dead_volume(node, s3, bucket,
     assert None not in mounters
 
     container.kill()  # the node container restarts (crash, OOM kill, DaemonSet upgrade)
-    _wait(lambda: not any(alive(pid) for pid in mounters), "the mount processes die with the namespace")
-    assert _wait(lambda: _errno(lambda: app.read("input.txt")), "the pod sees an error") == errno.ENOTCONN
+    wait(lambda: not any(alive(pid) for pid in mounters), "the mount processes die with the namespace")
+    assert wait(lambda: errno_of(lambda: app.read("input.txt")), "the pod sees an error") == errno.ENOTCONN
     # On the host the target is still mounted, dead, and its record is still there.
-    assert mounted(target) and _errno(lambda: os.listdir(target)) == errno.ENOTCONN
-    assert _record(container.server, target) is not None
+    assert mounted(target) and errno_of(lambda: os.listdir(target)) == errno.ENOTCONN
+    assert container.server.record(target) is not None
 
     started = time.time()
     container = node.start_container()  # a new node container, the same state directory
@@ -266,7 +243,7 @@ def test_a_container_restart_leaves_running_pods_a_dead_volume(node, s3, bucket,
           f"Probe ready {answered - started:.2f} s")
     for path in (target, other):  # unmounted in the node container; propagated to the host
         assert not mounted(path) and not path.exists()
-        assert _record(container.server, path) is None
+        assert container.server.record(path) is None
 
     kubelet = Kubelet(container.server)
     deleted.stop()
@@ -279,12 +256,12 @@ def test_a_container_restart_leaves_running_pods_a_dead_volume(node, s3, bucket,
     assert restarted.read("input.txt") == b"kept in S3"
     # The running container's volume is its bind of the dead mount, whatever is mounted at
     # the target now: mount propagation does not replace it.
-    assert _errno(lambda: app.read("input.txt")) == errno.ENOTCONN
+    assert errno_of(lambda: app.read("input.txt")) == errno.ENOTCONN
     # HostToContainer does not help either: the dead mount was unmounted before the new one
     # was mounted, so the new mount propagates to the target path's copies, not onto the
     # container's bind of the old one. (Mounted on top of the dead mount instead, it would
     # reach that bind: docs/ARCHITECTURE.md.)
-    assert _errno(lambda: watching.read("input.txt")) == errno.ENOTCONN
+    assert errno_of(lambda: watching.read("input.txt")) == errno.ENOTCONN
 
     watching.stop()
     app.stop()

@@ -16,11 +16,11 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -34,10 +34,12 @@ from tests.support.namespaces import (
     fuse_mounts_at,
     mount_process,
 )
+from tests.support.processes import errno_of, wait_until
 
 pytestmark = pytest.mark.s3_servers("seaweedfs")
 
 WAIT = 60.0  # bound of every wait
+wait = functools.partial(wait_until, timeout=WAIT, interval=0.02)
 MiB = 1024 * 1024
 
 
@@ -67,16 +69,6 @@ def _probe(server: NodeServer) -> bool:
             return False
 
 
-def _wait(condition, what: str):
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    pytest.fail(f"not within {WAIT} s: {what}")
-
-
 def _events(server: NodeServer, name: str) -> list[dict]:
     found = []
     for line in server.log().splitlines():
@@ -89,22 +81,6 @@ def _events(server: NodeServer, name: str) -> list[dict]:
     return found
 
 
-def _record_pid(server: NodeServer, target: Path) -> int | None:
-    for path in server.state_dir.glob("mounts/*.json"):
-        record = json.loads(path.read_text())
-        if record["target"] == str(target):
-            return record["pid"]
-    return None
-
-
-def _errno(call) -> int | None:
-    try:
-        call()
-    except OSError as exc:
-        return exc.errno
-    return None
-
-
 def test_sigterm_to_the_grpc_server_alone_leaves_the_mounts_alone(server, s3, bucket, attributes):
     data = os.urandom(2 * MiB)
     s3.put_object(Bucket=bucket, Key="input.bin", Body=data)
@@ -112,7 +88,7 @@ def test_sigterm_to_the_grpc_server_alone_leaves_the_mounts_alone(server, s3, bu
     pod = kubelet.new_pod()
     target = kubelet.publish(pod, "pv-data", attributes)
     mounter = mount_process(target)
-    assert mounter is not None and _record_pid(server, target) == mounter
+    assert mounter is not None and server.record(target)["pid"] == mounter
     held = os.open(target / "input.bin", os.O_RDONLY)  # a pod's open file, across the restart
     try:
         assert os.pread(held, MiB, 0) == data[:MiB]
@@ -121,9 +97,9 @@ def test_sigterm_to_the_grpc_server_alone_leaves_the_mounts_alone(server, s3, bu
 
         signalled = time.monotonic()
         os.kill(old, signal.SIGTERM)
-        _wait(lambda: not alive(old), "the gRPC server exits on SIGTERM")
+        wait(lambda: not alive(old), "the gRPC server exits on SIGTERM")
         exited = time.monotonic()
-        new = _wait(lambda: (pid := _grpc_server_pid(server)) not in (None, old) and _probe(server) and pid,
+        new = wait(lambda: (pid := _grpc_server_pid(server)) not in (None, old) and _probe(server) and pid,
                     "the supervisor starts a new server, which answers Probe")
         answered = time.monotonic()
         print(f"\nSIGTERM to the gRPC server: exited {exited - signalled:.2f} s, "
@@ -135,7 +111,7 @@ def test_sigterm_to_the_grpc_server_alone_leaves_the_mounts_alone(server, s3, bu
         adopted = _events(server, "mounts adopted")
         assert [(e["kept"], e["cleaned"]) for e in adopted] == [(0, 0), (1, 0)]
         # The same mount process serves the same mount; it is the supervisor's child now.
-        assert alive(mounter) and mount_process(target) == mounter and _record_pid(server, target) == mounter
+        assert alive(mounter) and mount_process(target) == mounter and server.record(target)["pid"] == mounter
         assert mounter in children(server.process.pid)
         assert fuse_mounts_at(target) == 1
         assert os.pread(held, MiB, MiB) == data[MiB:], "the open file reads on"
@@ -155,7 +131,7 @@ def test_sigterm_to_the_grpc_server_alone_leaves_the_mounts_alone(server, s3, bu
     kubelet.unpublish(pod, "pv-data")  # the adopted mount is stopped by the new server
     kubelet.unpublish(other_pod, "pv-data")
     assert not mounted(target) and not mounted(other)
-    _wait(lambda: not alive(mounter), "the adopted mount process ends and is reaped")
+    wait(lambda: not alive(mounter), "the adopted mount process ends and is reaped")
 
 
 def test_a_killed_mount_process_is_enotconn_to_readers_and_repaired_by_republish(server, s3, bucket, attributes):
@@ -177,22 +153,22 @@ def test_a_killed_mount_process_is_enotconn_to_readers_and_repaired_by_republish
         writer_mounter = mount_process(writer_target)
         os.kill(killed, signal.SIGKILL)
         os.kill(writer_mounter, signal.SIGKILL)
-        _wait(lambda: not alive(killed) and not alive(writer_mounter), "the mount processes die")
+        wait(lambda: not alive(killed) and not alive(writer_mounter), "the mount processes die")
         # Every request to the dead mount: ENOTCONN, through the open file too.
-        assert _errno(lambda: os.pread(reader, 4096, MiB // 2)) == errno.ENOTCONN
-        assert _errno(lambda: os.listdir(target)) == errno.ENOTCONN
+        assert errno_of(lambda: os.pread(reader, 4096, MiB // 2)) == errno.ENOTCONN
+        assert errno_of(lambda: os.listdir(target)) == errno.ENOTCONN
         # Only what the kernel still has cached answers, until the metadata TTL (1 s) ends.
-        _wait(lambda: _errno(lambda: os.stat(target)) == errno.ENOTCONN, "stat of the dead mount: ENOTCONN")
+        wait(lambda: errno_of(lambda: os.stat(target)) == errno.ENOTCONN, "stat of the dead mount: ENOTCONN")
         # ENOTCONN, or ECONNABORTED when the kernel still had a request of this writer queued
         # as the connection went down (seen once in a full run).
-        assert _errno(lambda: os.write(writer, b"more")) in (errno.ENOTCONN, errno.ECONNABORTED)
+        assert errno_of(lambda: os.write(writer, b"more")) in (errno.ENOTCONN, errno.ECONNABORTED)
         assert mounted(target) and mounted(writer_target), "a dead mount stays until the server repairs it"
 
         started = time.monotonic()
         kubelet.publish(pod, "pv-data", attributes)  # kubelet's periodic republish
         print(f"\nrepublish of a killed mount (unmount, new mount process): {time.monotonic() - started:.2f} s")
         repaired = mount_process(target)
-        assert repaired not in (None, killed) and _record_pid(server, target) == repaired
+        assert repaired not in (None, killed) and server.record(target)["pid"] == repaired
         assert fuse_mounts_at(target) == 1, "the dead mount was replaced, not stacked"
         assert (target / "input.bin").read_bytes() == data, "a new open reads"
         # A descriptor opened on the dead mount belongs to it for good: ENOTCONN, or the
@@ -205,8 +181,8 @@ def test_a_killed_mount_process_is_enotconn_to_readers_and_repaired_by_republish
             assert cached == data[:4096]
         assert [e["target"] for e in _events(server, "repairing a dead mount")] == [str(target)]
     finally:
-        assert _errno(lambda: os.close(reader)) in (None, errno.ENOTCONN)
-        assert _errno(lambda: os.close(writer)) == errno.ENOTCONN
+        assert errno_of(lambda: os.close(reader)) in (None, errno.ENOTCONN)
+        assert errno_of(lambda: os.close(writer)) == errno.ENOTCONN
     # The killed writer's data is lost: no object, and its multipart upload stays behind,
     # for a lifecycle rule (AbortIncompleteMultipartUpload) to remove.
     assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix="unfinished")

@@ -13,6 +13,7 @@ import pytest
 
 from driver.config import FsSettings
 from driver.fs.prefetch import IN_FLIGHT_COPIES
+from tests.support.processes import proc_status_bytes
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -48,15 +49,6 @@ assert READERS * READ_SIZE > READERS_BOUND + ALLOCATOR_SLACK
 assert WRITERS * WRITE_SIZE > WRITERS_BOUND + ALLOCATOR_SLACK
 
 
-def _memory(pid: int, field: str) -> int:
-    """A size from /proc/PID/status: VmRSS (now) or VmHWM (peak)."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * KiB
-    raise AssertionError(f"no {field}")
-
-
 def _data(seed: int, size: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
@@ -79,7 +71,7 @@ def test_readers_and_writers_at_once_through_one_mount(s3, bucket, mount_bucket)
                          "--write-part-size", f"{PART_SIZE // MiB}MiB")
     pid = mount.process.pid
     assert sorted(os.listdir(mount.path / "in")) == sorted(inputs)
-    rss_before = _memory(pid, "VmRSS")
+    rss_before = proc_status_bytes(pid, "VmRSS")
 
     def read(name: str) -> tuple[str, str]:
         sha = hashlib.sha256()
@@ -113,7 +105,7 @@ def test_readers_and_writers_at_once_through_one_mount(s3, bucket, mount_bucket)
         # A hung reader or writer is freed when the fixture stops the mount (ENOTCONN).
         pool.shutdown(wait=False, cancel_futures=True)
     loaded = time.monotonic()
-    peak = _memory(pid, "VmHWM")
+    peak = proc_status_bytes(pid, "VmHWM")
 
     assert read_digests == inputs, "every byte read is the object's"
     for name, digest in outputs.items():

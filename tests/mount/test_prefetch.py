@@ -9,6 +9,8 @@ import subprocess
 
 import pytest
 
+from tests.support.processes import proc_status_bytes
+
 KiB, MiB = 1024, 1024 * 1024
 MIN_REQUEST = 256 * KiB  # FsSettings defaults
 MAX_REQUEST = 8 * MiB
@@ -23,21 +25,12 @@ def upload(s3, bucket, key, size, seed=1):
     return hashlib.sha256(data).hexdigest()
 
 
-def memory(pid: int, field: str) -> int:
-    """A size from /proc/PID/status: VmRSS (now) or VmHWM (peak)."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * KiB
-    raise AssertionError(f"no {field}")
-
-
 def peak_rss(pid: int) -> int:
-    return memory(pid, "VmHWM")
+    return proc_status_bytes(pid, "VmHWM")
 
 
 def current_rss(pid: int) -> int:
-    return memory(pid, "VmRSS")
+    return proc_status_bytes(pid, "VmRSS")
 
 
 @pytest.mark.s3_servers("seaweedfs")  # moto serves large ranged GETs at ~10 MB/s

@@ -25,6 +25,7 @@ import time
 import pytest
 
 from tests.support.mounts import is_mounted
+from tests.support.processes import errno_of
 from tests.support.proxy import Stall
 
 pytestmark = pytest.mark.s3_servers("seaweedfs")
@@ -40,14 +41,6 @@ def _sigterm(mount, bound: float = EXIT_BOUND) -> tuple[int, float]:
     mount.process.send_signal(signal.SIGTERM)
     status = mount.process.wait(timeout=bound)  # TimeoutExpired: a hang; the fixture kills it
     return status, time.monotonic() - started
-
-
-def _errno(call) -> int | None:
-    try:
-        call()
-    except OSError as exc:
-        return exc.errno
-    return None
 
 
 def _events(mount) -> list[dict]:
@@ -111,10 +104,10 @@ def test_file_being_written_is_aborted_not_completed(s3, bucket, mount_bucket):
         status, seconds = _sigterm(mount)
         print(f"\nwriting (file open, no write in flight): SIGTERM → exit {status} in {seconds:.2f} s")
         _assert_stopped_cleanly(mount, status)
-        assert _errno(lambda: os.write(fd, b"more")) == errno.ENOTCONN
-        assert _errno(lambda: os.fsync(fd)) == errno.ENOTCONN
+        assert errno_of(lambda: os.write(fd, b"more")) == errno.ENOTCONN
+        assert errno_of(lambda: os.fsync(fd)) == errno.ENOTCONN
     finally:
-        close_error = _errno(lambda: os.close(fd))
+        close_error = errno_of(lambda: os.close(fd))
     assert close_error == errno.ENOTCONN, "close() does not report a file as written"
     assert _keys(s3, bucket) == [], "no truncated object"
     assert _uploads(s3, bucket) == [], "the multipart upload was aborted"
@@ -152,9 +145,9 @@ def test_write_in_flight_is_answered_eio_then_the_upload_aborted(s3, bucket, pro
               f"in {seconds:.2f} s; the write failed {writer.finished_at - signalled:.2f} s after SIGTERM")
         _assert_stopped_cleanly(mount, status)
         assert writer.error == errno.EIO, "the mount's own answer to the write it was serving"
-        assert _errno(lambda: os.write(fd, b"more")) == errno.ENOTCONN
+        assert errno_of(lambda: os.write(fd, b"more")) == errno.ENOTCONN
     finally:
-        close_error = _errno(lambda: os.close(fd))
+        close_error = errno_of(lambda: os.close(fd))
     assert close_error == errno.ENOTCONN
     assert _keys(s3, bucket) == []
     assert _uploads(s3, bucket) == [], "the multipart upload was aborted"
@@ -177,9 +170,9 @@ def test_read_in_flight_is_answered_before_the_mount_exits(s3, bucket, proxy, mo
               f"the read returned {reader.finished_at - signalled:.2f} s after SIGTERM")
         assert reader.error is None and reader.result == data[:64 * 1024], "the read in flight was answered"
         _assert_stopped_cleanly(mount, status)
-        assert _errno(lambda: os.pread(fd, 64 * 1024, 2 * MiB)) == errno.ENOTCONN
+        assert errno_of(lambda: os.pread(fd, 64 * 1024, 2 * MiB)) == errno.ENOTCONN
     finally:
-        _errno(lambda: os.close(fd))
+        errno_of(lambda: os.close(fd))
 
 
 def test_read_stalled_in_s3_delays_the_exit_by_at_most_the_request_timeout(s3, bucket, proxy, mount_bucket):
@@ -202,10 +195,9 @@ def test_read_stalled_in_s3_delays_the_exit_by_at_most_the_request_timeout(s3, b
         assert reader.error == errno.ECONNABORTED, (reader.error, reader.result)
         assert seconds < 3 + 5, "bounded by --request-timeout"
         _assert_stopped_cleanly(mount, status)
-        assert _errno(lambda: os.pread(fd, 64 * 1024, 0)) == errno.ENOTCONN
+        assert errno_of(lambda: os.pread(fd, 64 * 1024, 0)) == errno.ENOTCONN
     finally:
-        _errno(lambda: os.close(fd))
-
+        errno_of(lambda: os.close(fd))
 
 
 def test_a_second_sigterm_while_stopping_does_not_cut_the_clean_up_short(s3, bucket, proxy, mount_bucket):
@@ -233,6 +225,6 @@ def test_a_second_sigterm_while_stopping_does_not_cut_the_clean_up_short(s3, buc
         assert [e for e in events if e in ("stopping", "already stopping", "unmounted")] == \
             ["stopping", "already stopping", "unmounted"]
     finally:
-        _errno(lambda: os.close(fd))
+        errno_of(lambda: os.close(fd))
     assert _uploads(s3, bucket) == [], "the multipart upload was aborted"
     assert _keys(s3, bucket) == []

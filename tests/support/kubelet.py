@@ -36,6 +36,14 @@ class NodeServer(CsiServerProcess):
     def state_dir(self) -> Path:
         return self.root / "state"
 
+    def record(self, target: Path) -> dict | None:
+        """The server's record of the mount at ``target`` (pid, volume id, ...), if any."""
+        for path in self.state_dir.glob("mounts/*.json"):
+            record = json.loads(path.read_text())
+            if record["target"] == str(target):
+                return record
+        return None
+
     @property
     def log_path(self) -> Path:
         return self.root / "node.log"
