@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import os
 import signal
 import time
@@ -94,15 +93,7 @@ class NodeContainer:
             process.wait(timeout=WAIT)
 
     def events(self, name: str) -> list[dict]:
-        found = []
-        for line in self.server.log().splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict) and event.get("event") == name:
-                found.append(event)
-        return found
+        return self.server.events(name)
 
 
 class Node:

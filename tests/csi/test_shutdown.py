@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import os
 import signal
 import time
@@ -69,18 +68,6 @@ def _probe(server: NodeServer) -> bool:
             return False
 
 
-def _events(server: NodeServer, name: str) -> list[dict]:
-    found = []
-    for line in server.log().splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict) and event.get("event") == name:
-            found.append(event)
-    return found
-
-
 def test_sigterm_to_the_grpc_server_alone_leaves_the_mounts_alone(server, s3, bucket, attributes):
     data = os.urandom(2 * MiB)
     s3.put_object(Bucket=bucket, Key="input.bin", Body=data)
@@ -106,9 +93,9 @@ def test_sigterm_to_the_grpc_server_alone_leaves_the_mounts_alone(server, s3, bu
               f"new server answers Probe {answered - signalled:.2f} s after the signal")
 
         assert server.running, "the supervisor itself carries on"
-        restarts = _events(server, "server exited; restarting")
+        restarts = server.events("server exited; restarting")
         assert [e["status"] for e in restarts] == [0], "a graceful exit, restarted all the same"
-        adopted = _events(server, "mounts adopted")
+        adopted = server.events("mounts adopted")
         assert [(e["kept"], e["cleaned"]) for e in adopted] == [(0, 0), (1, 0)]
         # The same mount process serves the same mount; it is the supervisor's child now.
         assert alive(mounter) and mount_process(target) == mounter and server.record(target)["pid"] == mounter
@@ -179,7 +166,7 @@ def test_a_killed_mount_process_is_enotconn_to_readers_and_repaired_by_republish
             assert exc.errno == errno.ENOTCONN
         else:
             assert cached == data[:4096]
-        assert [e["target"] for e in _events(server, "repairing a dead mount")] == [str(target)]
+        assert [e["target"] for e in server.events("repairing a dead mount")] == [str(target)]
     finally:
         assert errno_of(lambda: os.close(reader)) in (None, errno.ENOTCONN)
         assert errno_of(lambda: os.close(writer)) == errno.ENOTCONN

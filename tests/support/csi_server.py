@@ -4,6 +4,7 @@ tests.support.kubelet and tests.support.provisioner."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -96,6 +97,18 @@ class CsiServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def events(self, name: str) -> list[dict]:
+        """The JSON log events named ``name``, oldest first."""
+        found = []
+        for line in self.log().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("event") == name:
+                found.append(event)
+        return found
 
     def terminate(self) -> None:
         """How a container runtime stops it: SIGTERM to the whole group."""
