@@ -105,6 +105,10 @@ def build_parser(strict: bool = False) -> argparse.ArgumentParser:
                             "(0: ask S3 every time) or 'indefinite' (default 1)")
     files.add_argument("--max-memory", default="256MiB",
                        help="memory for prefetched data of all open files (default 256MiB)")
+    files.add_argument("--cache", metavar="DIR",
+                       help="keep object data read on local disk in DIR, for programs that read the same "
+                            "data again (default: no cache)")
+    files.add_argument("--max-cache-size", help="disk space the --cache may use (default 1GiB)")
     objects = mount.add_argument_group("objects")
     objects.add_argument("--storage-class", help="storage class of new objects (e.g. STANDARD_IA)")
     objects.add_argument("--sse", choices=SSE_MODES, help="server-side encryption of new objects")
@@ -218,6 +222,8 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         dir_mode=parse_mode(args.dir_mode, "--dir-mode"),
         metadata_ttl=parse_ttl(args.metadata_ttl),
         max_memory=parse_size(args.max_memory, "--max-memory"),
+        cache_dir=_cache_dir(args),
+        max_cache_size=parse_size(args.max_cache_size or "1GiB", "--max-cache-size"),
         write_part_size=parse_size(args.write_part_size, "--write-part-size"),
         allow_overwrite=args.allow_overwrite,
         allow_delete=args.allow_delete,
@@ -227,6 +233,19 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         allow_other=args.allow_other, allow_root=args.allow_root, foreground=args.foreground,
         debug=args.debug, log_format=args.log_format, log_file=args.log_file,
     )
+
+
+def _cache_dir(args: argparse.Namespace) -> str | None:
+    if args.max_cache_size is not None and not args.cache:
+        raise ConfigError("--max-cache-size", "needs --cache DIR")
+    if not args.cache:
+        return None
+    cache = os.path.realpath(args.cache)
+    mountpoint = os.path.realpath(args.directory)
+    if cache == mountpoint or cache.startswith(mountpoint.rstrip("/") + "/"):
+        # Reads of the mount would wait on writes to the mount: a deadlock.
+        raise ConfigError("--cache", f"{args.cache} is inside the mount directory")
+    return cache
 
 
 def _check_before_mount(config: MountConfig):
@@ -262,11 +281,24 @@ def mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise CommandError(problem, readiness.DIRECTORY)
         return _mount_in_background(argv)
     region, session = _check_before_mount(config)
+    cache = _open_cache(config)
     from driver.mount import run_mount
 
     logging_setup.configure(config.log_format, debug=config.debug, path=config.log_file,
                             syslog=args.ready_fd is not None)
-    return run_mount(config, region, session, ready_fd=args.ready_fd)
+    return run_mount(config, region, session, ready_fd=args.ready_fd, cache=cache)
+
+
+def _open_cache(config: MountConfig):
+    """The mount's BlockStore (None without --cache), locked and emptied, before mounting."""
+    if config.fs.cache_dir is None:
+        return None
+    from driver.fs.cache import BlockStore, CacheDirError
+
+    try:
+        return BlockStore.open(config.fs.cache_dir, config.fs.max_cache_size)
+    except CacheDirError as exc:
+        raise CommandError(f"--cache: {exc}", readiness.INVALID) from None
 
 
 def _mount_in_background(argv: Sequence[str]) -> int:
@@ -324,6 +356,10 @@ def csi(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise ConfigError("--metrics-port", f"must be a port number (0: no metrics), not {args.metrics_port}")
         if args.kubeconfig and not os.path.isfile(args.kubeconfig):
             raise ConfigError("--kubeconfig", f"{args.kubeconfig}: no such file")
+        if args.cache_dir is not None and not os.path.isabs(args.cache_dir):
+            # It is in every cached mount's command line and record: a restarted server
+            # must name the same directory whatever its working directory.
+            raise ConfigError("--cache-dir", f"must be an absolute path, not {args.cache_dir!r}")
         pod_identity = PodIdentitySettings(
             sts_endpoint=args.sts_endpoint_url or None,
             sts_region=args.sts_region or os.environ.get("AWS_REGION") or None,
@@ -336,7 +372,8 @@ def csi(args: argparse.Namespace, argv: Sequence[str]) -> int:
                  kubelet_dir=args.kubelet_dir if node else "", enable_ephemeral=node and args.enable_ephemeral,
                  pod_identity=pod_identity, kubeconfig=args.kubeconfig if node else None,
                  controller_settings=controller_settings,
-                 metrics=(args.metrics_address, args.metrics_port) if node and args.metrics_port else None)
+                 metrics=(args.metrics_address, args.metrics_port) if node and args.metrics_port else None,
+                 cache_dir=Path(args.cache_dir) if node and args.cache_dir else None)
     return 0
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 KiB = 1024
 MiB = 1024 * KiB
+# The cache holds whole blocks of 1 MiB; fewer than 16 would evict each other at once.
+MIN_CACHE_SIZE = 16 * MiB
 
 # --metadata-ttl words. `indefinite` is stored as infinity; FUSE needs a finite timeout,
 # which the adapter clamps (see driver.fuse.adapter.KERNEL_TTL_MAX).
@@ -185,6 +187,8 @@ class FsSettings:
     max_request: int = 8 * MiB
     max_ahead: int = 4
     max_memory: int = 256 * MiB  # prefetched bytes held by all open files together
+    cache_dir: str | None = None  # local disk cache of object data (none: no cache)
+    max_cache_size: int = 1024 * MiB
     # Writing: new objects are multipart uploads of write_part_size parts, at most
     # parts_in_flight uploading while the writer fills the next.
     write_part_size: int = 8 * MiB
@@ -197,6 +201,8 @@ class FsSettings:
             raise ConfigError("prefetch", "need 0 < min_request <= max_request")
         if self.max_memory < self.max_request:
             raise ConfigError("--max-memory", f"must be at least {self.max_request // MiB} MiB")
+        if self.max_cache_size < MIN_CACHE_SIZE:
+            raise ConfigError("--max-cache-size", f"must be at least {MIN_CACHE_SIZE // MiB} MiB")
         if not MIN_WRITE_PART_SIZE <= self.write_part_size <= MAX_WRITE_PART_SIZE:
             raise ConfigError("--write-part-size", "must be between 1 KiB and 5 GiB (S3 itself needs at least 5 MiB)")
 

@@ -38,6 +38,9 @@ PREFETCH_READS = Counter("pail_prefetch_reads", "Reads by where their bytes were
                          ["volume", "result"])
 FUSE_OPERATIONS = Counter("pail_fuse_operations", "File system operations answered, by errno (OK: none)",
                           ["volume", "operation", "errno"])
+CACHE_BLOCKS = Counter("pail_cache_blocks", "Blocks of 1 MiB wanted from the --cache: hit (read from disk), "
+                       "miss (fetched from S3), invalid (failed its check, fetched again)", ["volume", "result"])
+CACHE_BYTES = Gauge("pail_cache_bytes", "Disk space the --cache uses", ["volume"], multiprocess_mode="livesum")
 OPEN_HANDLES = Gauge("pail_open_handles", "Open files and directories", ["volume"], multiprocess_mode="livesum")
 
 
@@ -77,3 +80,8 @@ def prefetch_read(result: str) -> None:
 
 def handles(delta: int) -> None:
     OPEN_HANDLES.labels(VOLUME).inc(delta)
+
+
+def cache_block(result: str, count: int = 1) -> None:
+    if count:
+        CACHE_BLOCKS.labels(VOLUME, result).inc(count)

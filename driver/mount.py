@@ -17,6 +17,7 @@ import trio
 from driver import readiness
 from driver.log import VOLUME_ID_ENV
 from driver.config import MountConfig
+from driver.fs.cache import BlockStore, CachingObjectClient
 from driver.fuse.session import serve
 from driver.s3.client import S3ObjectClient
 
@@ -41,17 +42,21 @@ class _Parent:
             os.close(fd)
 
 
-def run_mount(config: MountConfig, region: str, session=None, *, ready_fd: int | None = None) -> int:
+def run_mount(config: MountConfig, region: str, session=None, *, ready_fd: int | None = None,
+              cache: BlockStore | None = None) -> int:
     parent = _Parent(ready_fd)
     _reuse_freed_buffers()
     volume = {"volume_id": os.environ[VOLUME_ID_ENV]} if os.environ.get(VOLUME_ID_ENV) else {}
     structlog.contextvars.bind_contextvars(**volume, bucket=config.s3.bucket, prefix=config.fs.prefix)
     log.info("starting", mountpoint=config.mountpoint, region=region, endpoint=_without_userinfo(config.s3.endpoint_url),
-             read_only=config.fs.read_only, metadata_ttl=config.fs.metadata_ttl)
+             read_only=config.fs.read_only, metadata_ttl=config.fs.metadata_ttl,
+             cache=config.fs.cache_dir, max_cache_size=config.fs.max_cache_size if cache else None)
 
     async def main() -> None:
         # The bucket was checked just before (cli._check_before_mount).
         client = S3ObjectClient(config.s3, region, session=session)
+        if cache is not None:
+            client = CachingObjectClient(client, cache)
         await serve(config, client, on_ready=lambda: parent.say(readiness.READY))
 
     try:

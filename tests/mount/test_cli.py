@@ -172,6 +172,9 @@ def test_mounting_twice_on_one_directory_is_refused(s3_server, bucket, mountpoin
     (["--expected-bucket-owner", "alice"], "--expected-bucket-owner"),
     (["--upload-checksums", "md5"], "--upload-checksums"),
     (["--request-timeout", "0"], "--request-timeout"),
+    (["--max-cache-size", "1GiB"], "--max-cache-size"),  # without --cache
+    (["--cache", "/tmp/pail-test-cache", "--max-cache-size", "1MiB"], "--max-cache-size"),
+    (["--cache", "/tmp/pail-test-cache", "--max-cache-size", "much"], "--max-cache-size"),
 ])
 def test_bad_options_name_the_option(s3_server, bucket, mountpoint, options, named):
     args = ["mount", bucket, str(mountpoint)] + (

@@ -1,0 +1,100 @@
+"""The local data cache (driver.fs.cache) over S3 in memory: the bytes of any range are
+the object's, each block is fetched once, and the least recently used go first."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import trio
+
+from driver.fs.cache import BLOCK_SIZE, BlockStore, CacheDirError, CachingObjectClient
+from driver.s3.api import PreconditionFailed
+from driver.s3.memory import MemoryClient
+
+MiB = 1024 * 1024
+
+
+def gets(client):
+    return [(c.start, c.length) for c in client.calls if c.operation == "GetObject"]
+
+
+def cached_client(tmp_path, max_size=64 * MiB):
+    memory = MemoryClient()
+    return memory, CachingObjectClient(memory, BlockStore.open(str(tmp_path / "cache"), max_size))
+
+
+async def settle(cached):
+    """Wait (bounded) until the writer thread has put every block on disk."""
+    with trio.fail_after(10):
+        while cached._pending:
+            await trio.sleep(0.01)
+
+
+def test_any_range_reads_the_objects_bytes_and_each_block_is_fetched_once(tmp_path):
+    memory, cached = cached_client(tmp_path)
+    data = random.Random(1).randbytes(5 * BLOCK_SIZE + 777)
+    etag = memory.put("k", data).etag
+    rng = random.Random(2)
+    ranges = [(0, 1), (BLOCK_SIZE - 1, 2), (len(data) - 10, 10), (len(data) - 10, 4096), (3, 3 * BLOCK_SIZE)]
+    ranges += [(s := rng.randrange(len(data)), rng.randrange(1, 3 * BLOCK_SIZE)) for _ in range(100)]
+
+    async def main():
+        for start, length in ranges:
+            assert bytes(await cached.get_range("k", start, length, etag=etag)) == data[start:start + length]
+            await settle(cached)
+        await cached.aclose()
+
+    trio.run(main)
+    fetched_blocks = [block for start, length in gets(memory)
+                      for block in range(start // BLOCK_SIZE, (start + length - 1) // BLOCK_SIZE + 1)]
+    assert sorted(fetched_blocks) == list(range(6)), "every block once, the short last one included"
+    assert all(start % BLOCK_SIZE == 0 for start, _ in gets(memory))
+    assert not (tmp_path / "cache" / "pail-cache").exists()
+
+
+def test_least_recently_used_blocks_are_evicted_first(tmp_path):
+    memory, cached = cached_client(tmp_path, max_size=4 * (BLOCK_SIZE + 16))
+    data = random.Random(3).randbytes(8 * BLOCK_SIZE)
+    etag = memory.put("k", data).etag
+
+    async def read_block(index):
+        await cached.get_range("k", index * BLOCK_SIZE, BLOCK_SIZE, etag=etag)
+        await settle(cached)
+
+    async def main():
+        for index in (0, 1, 2, 3):
+            await read_block(index)
+        await read_block(0)  # used again: now 1 is the least recently used
+        await read_block(4)
+        memory.calls.clear()
+        for index in (0, 2, 3, 4):
+            await read_block(index)
+        assert gets(memory) == []
+        await read_block(1)
+        assert gets(memory) == [(BLOCK_SIZE, BLOCK_SIZE)]
+
+    trio.run(main)
+
+
+def test_blocks_answer_only_for_their_version(tmp_path):
+    memory, cached = cached_client(tmp_path)
+    old = memory.put("k", b"a" * BLOCK_SIZE)
+    new = memory.put("k", b"b" * BLOCK_SIZE)
+
+    async def main():
+        assert bytes(await cached.get_range("k", 0, 10, etag=new.etag)) == b"b" * 10
+        await settle(cached)
+        memory.calls.clear()
+        with pytest.raises(PreconditionFailed):
+            await cached.get_range("k", 0, 10, etag=old.etag)  # not the cached block of the new one
+
+    trio.run(main)
+
+
+def test_a_directory_is_the_cache_of_one_mount_at_a_time(tmp_path):
+    first = BlockStore.open(str(tmp_path / "c"), 16 * MiB)
+    with pytest.raises(CacheDirError, match="cache of another mount"):
+        BlockStore.open(str(tmp_path / "c"), 16 * MiB)
+    first.close()
+    BlockStore.open(str(tmp_path / "c"), 16 * MiB).close()
