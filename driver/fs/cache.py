@@ -79,6 +79,8 @@ class BlockStore:
         try:
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(mode=0o700)
+            for prefix in range(256):  # blocks spread by the first byte of their name
+                (root / f"{prefix:02x}").mkdir(mode=0o700)
         except OSError as exc:
             lock_file.close()
             raise CacheDirError(f"{root}: {exc.strerror}") from None
@@ -87,42 +89,49 @@ class BlockStore:
     def has(self, name: str) -> bool:
         return name in self._blocks
 
-    def read(self, name: str, identity: bytes) -> memoryview | None:
-        """The block's bytes, or None when it is not cached or does not check out."""
+    def read_into(self, name: str, identity: bytes, out: memoryview) -> int | None:
+        """Read the block into ``out`` (room for a whole block); its length, or None when
+        it is not cached or does not check out."""
         with self._mutex:
             if name not in self._blocks:
                 return None
             self._blocks.move_to_end(name)
+        header = bytearray(_HEADER.size)
         try:
-            with open(self._path(name), "rb") as file:
-                raw = file.read()
+            fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                got = os.preadv(fd, [header, out], 0) - _HEADER.size
+            finally:
+                os.close(fd)
         except OSError:
             self.drop(name)  # evicted meanwhile, or unreadable
             return None
-        if len(raw) >= _HEADER.size:
-            magic, crc, length = _HEADER.unpack_from(raw)
-            data = memoryview(raw)[_HEADER.size:]
-            if magic == _MAGIC and length == len(data) and crc == _checksum(identity, data):
-                return data
+        if got >= 0:
+            magic, crc, length = _HEADER.unpack(header)
+            if magic == _MAGIC and length == got and crc == _checksum(identity, out[:got]):
+                return got
         log.warning("cache block failed its check; reading it from S3", op="read", block=name)
         metrics.cache_block("invalid")
         self.drop(name)
         return None
 
     def write(self, name: str, identity: bytes, data: memoryview) -> None:
-        """Keep a block, evicting the least recently used to stay within the cap."""
+        """Keep a block, evicting the least recently used to stay within the cap.
+
+        Few calls, each releasing the GIL: this thread competes with the FUSE loop for it,
+        and every extra step is another wait (5 ms at worst) for the loop to let go."""
         size = _HEADER.size + len(data)
         with self._mutex:
             evicted = self._make_room(size)
         for old in evicted:
-            self._path(old).unlink(missing_ok=True)
-        path = self._path(name)
-        temporary = path.with_name(path.name + ".new")
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        with open(temporary, "wb") as file:
-            file.write(_HEADER.pack(_MAGIC, _checksum(identity, data), len(data)))
-            file.write(data)
-        os.replace(temporary, path)  # a reader sees the old block or the whole new one
+            _unlink(self._path(old))
+        # Written in place, not renamed into place: a block is read only once it is in the
+        # index, which it enters after this; a half-written file would fail its check.
+        fd = os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.writev(fd, [_HEADER.pack(_MAGIC, _checksum(identity, data), len(data)), data])
+        finally:
+            os.close(fd)
         with self._mutex:
             self.used += size - self._blocks.pop(name, 0)
             self._blocks[name] = size
@@ -130,7 +139,7 @@ class BlockStore:
             evicted = self._make_room(0)
             metrics.CACHE_BYTES.labels(metrics.VOLUME).set(self.used)
         for old in evicted:
-            self._path(old).unlink(missing_ok=True)
+            _unlink(self._path(old))
 
     def drop(self, name: str) -> None:
         with self._mutex:
@@ -138,7 +147,7 @@ class BlockStore:
             if size is not None:
                 self.used -= size
                 metrics.CACHE_BYTES.labels(metrics.VOLUME).set(self.used)
-        self._path(name).unlink(missing_ok=True)
+        _unlink(self._path(name))
 
     def close(self) -> None:
         """Remove every block and let another mount use the directory."""
@@ -183,8 +192,13 @@ class CachingObjectClient:
         blocks: dict[int, bytes | memoryview] = {}
         cached = [block for block in wanted if self._store.has(block[1])]
         if cached:
-            found = await trio.to_thread.run_sync(self._read_blocks, cached)
-            blocks.update((index, data) for index, data in found.items() if data is not None)
+            buffer, found = await trio.to_thread.run_sync(self._read_blocks, cached)
+            if len(found) == len(wanted):
+                metrics.cache_block("hit", len(found))
+                # The blocks lie one after another in the buffer: answer with a view of it.
+                size = sum(len(data) for data in found.values())
+                return buffer[start - first * BLOCK_SIZE:min(size, start - first * BLOCK_SIZE + length)]
+            blocks.update(found)
         metrics.cache_block("hit", len(blocks))
         missing = [index for index in range(first, last + 1) if index not in blocks
                    and not _ends_before(blocks, index)]
@@ -193,15 +207,17 @@ class CachingObjectClient:
             low, high = missing[0], missing[-1]
             body = memoryview(await self._client.get_range(key, low * BLOCK_SIZE, (high - low + 1) * BLOCK_SIZE,
                                                            etag=etag))
+            new = []
             for index in range(low, high + 1):
                 piece = body[(index - low) * BLOCK_SIZE:(index - low + 1) * BLOCK_SIZE]
                 if not piece:
                     break
                 if index not in blocks:
                     blocks[index] = piece
-                    self._write_later(f"{version}.{index}", _identity(key, etag, index), piece)
+                    new.append((f"{version}.{index}", _identity(key, etag, index), piece))
                 if len(piece) < BLOCK_SIZE:
                     break  # the object ends in this block
+            self._write_later(new)
         return _assemble(blocks, first, last, start - first * BLOCK_SIZE, length)
 
     async def aclose(self) -> None:
@@ -213,37 +229,67 @@ class CachingObjectClient:
         self._writer.shutdown(wait=True)
         self._store.close()
 
-    def _read_blocks(self, blocks: list[tuple[int, str, bytes]]) -> dict[int, bytes | None]:
-        return {index: self._store.read(name, identity) for index, name, identity in blocks}
+    def _read_blocks(self, blocks: list[tuple[int, str, bytes]]) -> tuple[memoryview, dict[int, memoryview]]:
+        """The blocks that check out, read into one buffer in the order given."""
+        buffer = memoryview(bytearray(len(blocks) * BLOCK_SIZE))
+        found = {}
+        for n, (index, name, identity) in enumerate(blocks):
+            room = buffer[n * BLOCK_SIZE:(n + 1) * BLOCK_SIZE]
+            got = self._store.read_into(name, identity, room)
+            if got is not None:
+                found[index] = room[:got]
+        return buffer, found
 
-    def _write_later(self, name: str, identity: bytes, data: memoryview) -> None:
+    def _write_later(self, blocks: list[tuple[str, bytes, memoryview]]) -> None:
+        """Hand blocks to the writer thread, as many as fit in what may wait for it: one
+        job for all, since each wake-up of that thread is a wait for the GIL."""
         with self._pending_mutex:
-            if self._pending + len(data) > MAX_PENDING_WRITES:
-                return  # the disk is behind: this block is not cached
-            self._pending += len(data)
+            room = MAX_PENDING_WRITES - self._pending
+            taken = []
+            for block in blocks:
+                if len(block[2]) > room:
+                    break  # the disk is behind: the rest are not cached
+                taken.append(block)
+                room -= len(block[2])
+            size = sum(len(block[2]) for block in taken)
+            self._pending += size
+        if not taken:
+            return
         try:
-            self._writer.submit(self._write, name, identity, data)
+            self._writer.submit(self._write, taken, size)
         except RuntimeError:  # shutting down
-            self._written(len(data))
+            self._written(size)
 
-    def _write(self, name: str, identity: bytes, data: memoryview) -> None:
+    def _write(self, blocks: list[tuple[str, bytes, memoryview]], size: int) -> None:
         try:
-            self._store.write(name, identity, data)
-        except OSError as exc:
-            self._store.drop(name)
-            self._write_failures += 1
-            now = time.monotonic()
-            if now - self._write_failure_logged >= _WRITE_ERROR_LOG_INTERVAL:
-                # A full disk fails every write: one line a minute says so.
-                self._write_failure_logged = now
-                log.warning("cache write failed; reading on without caching", op="read",
-                            errno=exc.errno, reason=exc.strerror, failures=self._write_failures)
+            for name, identity, data in blocks:
+                try:
+                    self._store.write(name, identity, data)
+                except OSError as exc:
+                    self._store.drop(name)
+                    self._write_failed(exc)
         finally:
-            self._written(len(data))
+            self._written(size)
+
+    def _write_failed(self, exc: OSError) -> None:
+        self._write_failures += 1
+        now = time.monotonic()
+        if now - self._write_failure_logged >= _WRITE_ERROR_LOG_INTERVAL:
+            # A full disk fails every write: one line a minute says so.
+            self._write_failure_logged = now
+            log.warning("cache write failed; reading on without caching", op="read",
+                        errno=exc.errno, reason=exc.strerror, failures=self._write_failures)
 
     def _written(self, size: int) -> None:
         with self._pending_mutex:
             self._pending -= size
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _version_name(key: str, etag: str) -> str:
