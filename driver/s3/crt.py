@@ -88,8 +88,18 @@ class CrtRequests:
         def on_body(chunk: bytes, offset: int, **_: Any) -> None:
             parts.append((offset, chunk))  # on an awscrt thread; list.append is atomic
 
-        await self._send("GET", key, "", [("Range", f"bytes={start}-{start + length - 1}"), ("If-Match", etag)],
-                         operation="GetObject", on_body=on_body)
+        headers = [("Range", f"bytes={start}-{start + length - 1}"), ("If-Match", etag)]
+        for attempt in range(1, self._settings.max_attempts + 1):
+            try:
+                await self._send("GET", key, "", headers, operation="GetObject", on_body=on_body)
+                break
+            except api.ObjectClientError as exc:
+                # An answer awscrt will not take (seen from SeaweedFS under load and from
+                # S3: a 206 without Content-Range) comes at once and is not retried by it.
+                if exc.code not in _MALFORMED_ANSWERS or attempt == self._settings.max_attempts:
+                    raise
+                parts.clear()
+                await trio.sleep(0.05 * 2 ** attempt)
         if len(parts) == 1:
             return parts[0][1]
         parts.sort(key=lambda p: p[0])
@@ -222,6 +232,11 @@ def _error_from_crt(exc: awscrt.exceptions.AwsCrtError, key: str, operation: str
                                      status=status, code=exc.name)
     return api.Unreachable(f"{operation} {key}: {exc.name}", operation=operation, code=exc.name)
 
+
+# Answers awscrt refuses as malformed, which a second request usually gets right.
+_MALFORMED_ANSWERS = {"AWS_ERROR_S3_MISSING_CONTENT_RANGE_HEADER", "AWS_ERROR_S3_INVALID_CONTENT_RANGE_HEADER",
+                      "AWS_ERROR_S3_MISSING_CONTENT_LENGTH_HEADER", "AWS_ERROR_S3_INVALID_CONTENT_LENGTH_HEADER",
+                      "AWS_ERROR_S3_MISSING_ETAG", "AWS_ERROR_S3_INVALID_RESPONSE_STATUS"}
 
 # awscrt reports a retryable status that outlasted its retries by error name, not status.
 _RETRIED_STATUS = {"AWS_ERROR_S3_INTERNAL_ERROR": 500, "AWS_ERROR_S3_SLOW_DOWN": 503}

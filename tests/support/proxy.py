@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import email.utils
 import itertools
+import re
 import select
 import socket
 import struct
@@ -58,6 +59,7 @@ __all__ = [
     "Reset",
     "S3Proxy",
     "Stall",
+    "DropContentRange",
     "Status",
     "classify",
     "parse_range",
@@ -203,6 +205,12 @@ class Stall(Fault):
     @property
     def name(self) -> str:
         return "Stall"
+
+
+@dataclass(frozen=True)
+class DropContentRange(Fault):
+    """Forward the request and its answer, but without the answer's Content-Range header:
+    a ranged GET answered like that (seen from S3 itself, and from SeaweedFS under load)."""
 
 
 class FaultHandle:
@@ -974,6 +982,9 @@ class S3Proxy:
                 continue
             break
         rhead = resp.raw
+        if handle is not None and isinstance(handle.fault, DropContentRange):
+            rec.fault = handle.fault.name
+            rhead = re.sub(rb"(?im)^content-range:[^\r\n]*\r\n", b"", rhead)
         rec.status = status
         rec.response_headers = resp.headers
 
