@@ -1,6 +1,6 @@
 """Pail against s3fs-fuse, rclone mount and a raw S3 client, on one local SeaweedFS.
 
-    .venv/bin/python -m bench.compare [--runs 3] [--only WORKLOAD,...] [--clients pail,s3fs,...]
+    .venv/bin/python -m bench.compare [--runs 3] [--only WORKLOAD,...] [--clients pail,pail-cache,s3fs,...]
                                       [--scale full|small] [--size-mib N] [--out bench/results]
 
 (``./bench/run compare`` installs s3fs, rclone and matplotlib first, then runs this.)
@@ -18,7 +18,11 @@ times, bench/raw.py what the raw client does):
   ttfb           open() to the first 4 KiB of the large object
   seq_read       the large object read to the end, 1 MiB reads
   parallel_read  4 large objects read at once by 4 processes
-  rand_read_1t   random 256 KiB preads in the large object, 1 thread (and _4t: 4 threads)
+  reread         the large object read to the end twice on one mount: epoch 1, then the
+                 page cache dropped, then epoch 2 (the raw client: two GETs)
+  rand_read_1t   random 256 KiB preads in the large object, 1 thread (and _4t: 4 threads);
+                 Pail and pail-cache read the same offsets again after the page cache was
+                 dropped (a second pass)
   list           ls -l of a directory of --list-objects objects
   cat_small      one cat of --small-files files of 64 KiB, one after the other
   seq_write      dd bs=1M conv=fsync of a new large file, until the object is in S3
@@ -26,6 +30,10 @@ times, bench/raw.py what the raw client does):
 Writes OUT/compare.json (every run, machine, versions, configurations), OUT/compare.md
 (the tables, also printed) and OUT/compare.png (needs matplotlib). A failed run is
 recorded with its error and the benchmark goes on; the exit status is then 1.
+
+Clients: pail (default options), pail-cache (``--cache DIR --max-cache-size 2GiB``, DIR a
+fresh directory on local disk; only in reread and the random reads, where data is read
+again), s3fs, rclone, rclone-modtime (ls -l only) and raw (bench/peers.py, bench/raw.py).
 """
 
 from __future__ import annotations
@@ -57,7 +65,7 @@ from bench.system import (
 )
 from bench.workloads import WORKLOADS
 
-CLIENTS = ("pail", "s3fs", "rclone", "rclone-modtime", "raw")
+CLIENTS = ("pail", "pail-cache", "s3fs", "rclone", "rclone-modtime", "raw")
 SCALES = {  # size MiB, list objects, small files, random reads per thread
     "full": (1024, 10_000, 1_000, 400),
     "small": (16, 200, 50, 40),
@@ -85,20 +93,32 @@ class Bench:
         if workload == "publish":
             return self._publish_latency()
         writing = workload == "seq_write"
+        again = client in WORKLOADS[workload].second_pass
         key = f"write-{client}-{round_no}.bin"
         if client == "raw":
             prepared = settle() if writing else prepare_run(self.server)
-            return self._measured(lambda: self._raw(workload, key), None) | prepared
+            run = self._measured(lambda: self._raw(workload, key), None) | prepared
+            if again:
+                run |= self._second_pass(lambda: self._raw(workload, key), None, None)
+            return run
         mounted = self.mounts.mount(client)
         try:
             prepared = settle() if writing else prepare_run(self.server)
-            run = self._measured(lambda: self._through(workload, mounted.directory, key), mounted.pid)
+            work = lambda: self._through(workload, mounted.directory, key)  # noqa: E731
+            run = self._measured(work, mounted.pid, mounted.metrics_dir)
+            if again:
+                run |= self._second_pass(work, mounted.pid, mounted.metrics_dir)
             peak = status_kib(mounted.pid, "VmHWM")  # the mount's high-water mark since it started
+            cache_bytes = peers.disk_bytes(mounted.cache_dir)
         except BaseException:
             with contextlib.suppress(Exception):  # the run's error is the one to report
                 self.mounts.unmount(mounted)
             raise
         unmount_s = self.mounts.unmount(mounted)
+        if mounted.cache_dir is not None:  # Pail wipes CACHE/pail-cache at unmount
+            run["cache_disk_mib"] = round(cache_bytes / MiB, 1)
+            run["cache_left_after_unmount_bytes"] = peers.disk_bytes(mounted.cache_dir)
+            shutil.rmtree(mounted.cache_dir, ignore_errors=True)
         if writing:  # untimed: every byte of what the mount wrote
             from bench.writes import verify_bytes
             checked = verify_bytes(self.server, self.bucket, key, self.data.block, self.data.size)
@@ -108,7 +128,8 @@ class Bench:
         return run | prepared | {"mount_s": round(mounted.seconds, 3), "unmount_s": round(unmount_s, 2),
                                  "peak_rss_mib": round(peak / 1024, 1) if peak else None}
 
-    def _measured(self, work, pid: int | None) -> dict:
+    def _measured(self, work, pid: int | None, metrics_dir: Path | None = None) -> dict:
+        counted0 = peers.pail_counters(metrics_dir)
         cpu0, server0, ticks0 = cpu_seconds(pid) if pid else None, cpu_seconds(self.server.process.pid), machine_ticks()
         run = work()
         cpu1, server1, ticks1 = cpu_seconds(pid) if pid else None, cpu_seconds(self.server.process.pid), machine_ticks()
@@ -116,7 +137,17 @@ class Bench:
             run["mount_cpu_s"] = round((cpu1 or 0) - (cpu0 or 0), 2)
         run["server_cpu_s"] = round((server1 or 0) - (server0 or 0), 2)
         run["machine"] = machine_cpu(ticks0, ticks1)
+        if (counted := peers.counters_delta(counted0, peers.pail_counters(metrics_dir))) is not None:
+            run["pail_counters"] = counted  # what the mount did during the timed part
         return run
+
+    def _second_pass(self, work, pid: int | None, metrics_dir: Path | None) -> dict:
+        """The same work again on the same mount (or raw client), after the page cache was
+        dropped and the server's files read back into it: epoch 2. Its whole run goes
+        under "pass2", its metric (and IOPS) also as pass2_FIELD at the top."""
+        prepared = prepare_run(self.server)
+        second = self._measured(work, pid, metrics_dir) | prepared
+        return {"pass2": second, **{f"pass2_{f}": second[f] for f in ("mb_s", "iops", "seconds") if f in second}}
 
     def _through(self, workload: str, directory: str, key: str) -> dict:
         a, d = self.args, self.data
@@ -124,6 +155,7 @@ class Bench:
             "ttfb": lambda: workloads.ttfb(directory, d),
             "seq_read": lambda: workloads.seq_read(directory, d),
             "parallel_read": lambda: workloads.parallel_read(directory, d),
+            "reread": lambda: workloads.seq_read(directory, d),  # read twice: Bench.run does the second pass
             "rand_read_1t": lambda: workloads.rand_read(directory, d, 1, a.rand_reads),
             "rand_read_4t": lambda: workloads.rand_read(directory, d, 4, a.rand_reads),
             "list": lambda: workloads.list_dir(directory, d),
@@ -137,6 +169,7 @@ class Bench:
             "ttfb": lambda: raw.ttfb(s, d),
             "seq_read": lambda: raw.seq_read(s, d),
             "parallel_read": lambda: raw.parallel_read(s, d),
+            "reread": lambda: raw.seq_read(s, d),  # read twice: Bench.run does the second pass
             "rand_read_1t": lambda: raw.rand_read(s, d, 1, a.rand_reads),
             "rand_read_4t": lambda: raw.rand_read(s, d, 4, a.rand_reads),
             "list": lambda: raw.list_walk(s, d),
@@ -279,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                     results[workload]["clients"][client]["runs"].append(run)
                     if "error" not in run:
                         metric = WORKLOADS[workload].metric
+                        second = (f", second pass {run['pass2_' + metric]:.2f}" if "pass2_" + metric in run else "")
                         _say(f"{workload:14s} {client:15s} round {round_no}/{args.runs}: "
-                             f"{run[metric]:9.2f} {WORKLOADS[workload].unit}  (load {run['load_avg_1m']})")
+                             f"{run[metric]:9.2f} {WORKLOADS[workload].unit}{second}  (load {run['load_avg_1m']})")
         for workload, w in results.items():
             fields = {r.field for r in report.rows([workload])}
             for c in w["clients"].values():

@@ -2,7 +2,7 @@
 
 Layout in the bucket (only what the selected workloads need is made):
 
-    bench/seq-read.bin        the large object (--size-mib): sequential and random reads, TTFB
+    bench/seq-read.bin        the large object (--size-mib): sequential and random reads, rereads, TTFB
     parallel/obj-N.bin        4 more of the same size, one per parallel reader
     list/obj-NNNNN            --list-objects objects of 1 KiB: the directory ls -l lists
     small/file-NNNN.bin       --small-files files of 64 KiB: the files cat reads
@@ -70,7 +70,7 @@ def make(server, bucket: str, workdir: Path, size: int, list_objects: int, small
     block_file.write_bytes(block)
     data = Dataset(bucket, size, list_objects, small_files, block, block_file,
                    small_body=os.urandom(SMALL_FILE_SIZE))
-    big = [data.big_key] if workloads & {"seq_read", "rand_read_1t", "rand_read_4t", "ttfb"} else []
+    big = [data.big_key] if workloads & {"seq_read", "reread", "rand_read_1t", "rand_read_4t", "ttfb"} else []
     if "parallel_read" in workloads:
         big += data.parallel_keys
     for key in big:

@@ -51,21 +51,26 @@ class Mounts:
         pail = Path(sys.executable).with_name("pail")
         self.pail = [str(pail)] if pail.exists() else [sys.executable, "-m", "driver"]
 
-    def mount(self, server, bucket: str, endpoint: str, data_path: str | None) -> tuple[str, int, Path]:
-        """``data_path`` None: Pail's default, whatever it is (bench.compare measures that)."""
+    def mount(self, server, bucket: str, endpoint: str, data_path: str | None, options: tuple[str, ...] = (),
+              env_extra: dict[str, str] | None = None, tag: str | None = None) -> tuple[str, int, Path]:
+        """``data_path`` None: Pail's default, whatever it is (bench.compare measures that).
+        ``options``: more ``pail mount`` options (bench.compare's pail-cache: ``--cache DIR``);
+        ``env_extra``: more environment for the mount process; ``tag`` names the directory."""
         self.count += 1
-        name = f"mnt-{self.count}-{data_path or 'default'}"
+        name = f"mnt-{self.count}-{tag or data_path or 'default'}"
         directory = self.workdir / name
         directory.mkdir()
         log_path = self.workdir / f"{name}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "PAIL_DATA_PATH"}
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("AWS_") and k not in ("PAIL_DATA_PATH", "PROMETHEUS_MULTIPROC_DIR")}
         env.update(server.env())
+        env.update(env_extra or {})
         if data_path is not None:
             env["PAIL_DATA_PATH"] = data_path
         self.live[str(directory)] = None
         result = subprocess.run(
             [*self.pail, "mount", bucket, str(directory), "--endpoint-url", endpoint, "--region", REGION,
-             "--log-format", "json", "--log-file", str(log_path)],
+             "--log-format", "json", "--log-file", str(log_path), *options],
             env=env, capture_output=True, text=True, timeout=MOUNT_TIMEOUT, stdin=subprocess.DEVNULL,
             check=False)
         pid = self._find(str(directory))

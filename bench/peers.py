@@ -7,6 +7,10 @@ for its process to exit; cleanup() undoes every mount and ends every process thi
 started, whatever state they are in.
 
 - pail: ``pail mount`` through bench.mounts.Mounts, default options.
+- pail-cache: the same with ``--cache DIR --max-cache-size 2GiB``, DIR a fresh directory
+  on local disk for every mount (removed after unmount). Both Pail clients run with
+  PROMETHEUS_MULTIPROC_DIR set to a fresh directory, as the CSI node server runs them:
+  pail_counters() reads the mount's S3 requests and cache hits from there.
 - s3fs: ``s3fs BUCKET DIR -f -o passwd_file=...,url=...,use_path_request_style,
   endpoint=us-east-1`` as our child process (foreground, so we own its pid). Everything
   else at s3fs's defaults (see S3FS_DEFAULTS).
@@ -27,7 +31,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +43,9 @@ from bench.system import BenchError, is_mounted
 
 LIVE_TIMEOUT = 60.0
 UNMOUNT_TIMEOUT = 30.0
-MOUNT_CLIENTS = ("pail", "s3fs", "rclone", "rclone-modtime")
+MOUNT_CLIENTS = ("pail", "pail-cache", "s3fs", "rclone", "rclone-modtime")
+PAIL_CLIENTS = ("pail", "pail-cache")
+CACHE_SIZE = "2GiB"  # pail-cache's --max-cache-size: the whole large object (1 GiB) fits
 
 # What s3fs 1.90 does unless told otherwise (from its man page), recorded with the results
 # so nobody has to wonder whether it was tuned: parallel_count=5 parts of multipart_size=10
@@ -59,6 +67,8 @@ class Mounted:
     seconds: float  # from the start of the mount command to a live mount
     log_path: Path
     process: subprocess.Popen | None = None  # ours for s3fs and rclone; pail mount daemonizes
+    metrics_dir: Path | None = None  # Pail's: PROMETHEUS_MULTIPROC_DIR of the mount process
+    cache_dir: Path | None = None  # pail-cache's --cache DIR
 
 
 def rclone_binary() -> str | None:
@@ -103,6 +113,8 @@ class MountClients:
         self._secrets = workdir / "secrets"
         self._secrets.mkdir(mode=0o700, exist_ok=True)
         self.passwd_file = self._secrets / "s3fs.passwd"
+        self.cache_root = workdir / "caches"  # pail-cache's --cache directories: local disk, not tmpfs
+        self.cache_root.mkdir(exist_ok=True)
         self.rclone_config = self._secrets / "rclone.conf"
         _write_private(self.passwd_file, f"{server.access_key}:{server.secret_key}\n")
         _write_private(self.rclone_config, "\n".join([
@@ -113,7 +125,13 @@ class MountClients:
     def configs(self) -> dict:
         """The command lines and settings used, without secrets."""
         return {
-            "pail": {"command": "pail mount BUCKET DIR --endpoint-url URL --region us-east-1 (default options)"},
+            "pail": {"command": "pail mount BUCKET DIR --endpoint-url URL --region us-east-1 (default options)",
+                     "environment": "PROMETHEUS_MULTIPROC_DIR=a fresh directory (the mount's counters)"},
+            "pail-cache": {"command": f"pail mount BUCKET DIR --endpoint-url URL --region us-east-1 --cache CACHE "
+                                      f"--max-cache-size {CACHE_SIZE}",
+                           "cache": f"a fresh directory for every mount under {self.cache_root} "
+                                    f"({filesystem(self.cache_root)}); Pail uses CACHE/pail-cache",
+                           "environment": "PROMETHEUS_MULTIPROC_DIR=a fresh directory (the mount's counters)"},
             "s3fs": {"command": " ".join(self._s3fs_args("DIR")), "defaults": S3FS_DEFAULTS},
             "rclone": {"command": " ".join(self._rclone_args("DIR", modtime=False)),
                        "remote": "type s3, provider SeaweedFS, force_path_style true, region us-east-1",
@@ -123,12 +141,20 @@ class MountClients:
 
     # ---------------------------------------------------------------- mount
     def mount(self, client: str) -> Mounted:
-        if client == "pail":
-            t0 = time.perf_counter()
-            directory, pid, log_path = self.pail.mount(self.server, self.bucket, self.server.endpoint, None)
-            os.stat(directory)
-            return Mounted(client, directory, pid, time.perf_counter() - t0, log_path)
         self.count += 1
+        if client in PAIL_CLIENTS:
+            metrics_dir = self.workdir / f"metrics-{self.count}"
+            metrics_dir.mkdir(mode=0o700)
+            cache_dir, options = None, ()
+            if client == "pail-cache":
+                cache_dir = Path(tempfile.mkdtemp(prefix=f"cache-{self.count}-", dir=self.cache_root))
+                options = ("--cache", str(cache_dir), "--max-cache-size", CACHE_SIZE)
+            t0 = time.perf_counter()
+            directory, pid, log_path = self.pail.mount(self.server, self.bucket, self.server.endpoint, None,
+                                                       options, {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+                                                       tag=client)
+            os.stat(directory)
+            return Mounted(client, directory, pid, time.perf_counter() - t0, log_path, None, metrics_dir, cache_dir)
         directory = self.workdir / f"{client}-{self.count}"
         directory.mkdir()
         log_path = self.workdir / f"{client}-{self.count}.log"
@@ -169,7 +195,7 @@ class MountClients:
 
     # -------------------------------------------------------------- unmount
     def unmount(self, mounted: Mounted) -> float:
-        if mounted.client == "pail":
+        if mounted.client in PAIL_CLIENTS:
             return self.pail.unmount(mounted.directory)
         t0 = time.perf_counter()
         result = None
@@ -190,6 +216,8 @@ class MountClients:
 
     def cleanup(self) -> None:
         self.pail.cleanup()
+        for cache in list(self.cache_root.iterdir()) if self.cache_root.is_dir() else []:
+            shutil.rmtree(cache, ignore_errors=True)  # every Pail mount is gone by now
         for directory, mounted in list(self.peers.items()):
             with contextlib.suppress(Exception):
                 if is_mounted(directory):
@@ -206,6 +234,75 @@ class MountClients:
 
     def forget_secrets(self) -> None:
         shutil.rmtree(self._secrets, ignore_errors=True)
+
+
+def pail_counters(metrics_dir: Path | None) -> dict | None:
+    """What a Pail mount process has counted so far (bench.compare takes the difference
+    around a timed part): S3 requests by operation, blocks wanted from the --cache by
+    result (hit, miss, invalid), bytes returned to reads, the cache's disk use. None
+    without a metrics directory or when prometheus-client cannot read it."""
+    if metrics_dir is None:
+        return None
+    try:
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(metrics_dir))
+        requests, blocks, out = Counter(), Counter(), {}
+        for metric in registry.collect():
+            for sample in metric.samples:
+                if sample.name == "pail_s3_requests_total":
+                    requests[sample.labels.get("operation", "?")] += int(sample.value)
+                elif sample.name == "pail_cache_blocks_total":
+                    blocks[sample.labels.get("result", "?")] += int(sample.value)
+                elif sample.name == "pail_read_bytes_total":
+                    out["read_bytes"] = out.get("read_bytes", 0) + int(sample.value)
+                elif sample.name == "pail_cache_bytes":
+                    out["cache_bytes"] = out.get("cache_bytes", 0) + int(sample.value)
+    except Exception:  # noqa: BLE001 - counters are extra information, never a failed run
+        return None
+    return {"s3_requests": dict(requests), "cache_blocks": dict(blocks), **out}
+
+
+def counters_delta(before: dict | None, after: dict | None) -> dict | None:
+    """after - before of two pail_counters(); cache_bytes is a level, kept as after's."""
+    if before is None or after is None:
+        return None
+    out = {}
+    for name in ("s3_requests", "cache_blocks"):
+        keys = set(before.get(name, {})) | set(after.get(name, {}))
+        out[name] = {k: after.get(name, {}).get(k, 0) - before.get(name, {}).get(k, 0) for k in sorted(keys)}
+        out[name] = {k: v for k, v in out[name].items() if v}
+    out["read_bytes"] = after.get("read_bytes", 0) - before.get("read_bytes", 0)
+    if "cache_bytes" in after:
+        out["cache_bytes"] = after["cache_bytes"]
+    return out
+
+
+def disk_bytes(path: Path | None) -> int | None:
+    """Disk space the files under ``path`` take (allocated blocks)."""
+    if path is None:
+        return None
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+def filesystem(path: Path) -> str:
+    """The type of the file system ``path`` is on (from /proc/self/mountinfo), e.g. ext4."""
+    best, kind = "", "unknown"
+    real = os.path.realpath(path)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            left, _, right = line.partition(" - ")
+            point = left.split()[4]
+            if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                best, kind = point, right.split()[0]
+    return kind
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -1,23 +1,27 @@
 """bench.compare's results as numbers, a Markdown table and a PNG chart.
 
 summarize() turns each client's runs of a workload into a median and a min–max;
-ratios() divides Pail's median by each peer's and by the raw client's, per row of the
-table; markdown() and chart() present them. A ratio is Pail / peer: above 1 Pail is
-ahead where higher is better (MB/s), behind where lower is better (seconds).
+ratios() divides Pail's median by each peer's and by the raw client's, and Pail with
+--cache's (pail-cache) by Pail's and the raw client's, per row of the table; markdown()
+and chart() present them. A ratio is Pail / peer: above 1 Pail is ahead where higher is
+better (MB/s), behind where lower is better (seconds). A workload with a second pass
+(reread's epoch 2, the random reads' second pass) has a second row, of the runs'
+"pass2_" fields.
 """
 
 from __future__ import annotations
 
 import re
 import statistics
+import textwrap
 from dataclasses import dataclass
 
 from bench.workloads import WORKLOADS
 
-CLIENT_LABELS = {"pail": "Pail", "s3fs": "s3fs", "rclone": "rclone", "rclone-modtime": "rclone --use-server-modtime",
-                 "raw": "raw client"}
+CLIENT_LABELS = {"pail": "Pail", "pail-cache": "Pail --cache", "s3fs": "s3fs", "rclone": "rclone",
+                 "rclone-modtime": "rclone --use-server-modtime", "raw": "raw client"}
 PEERS = ("s3fs", "rclone", "raw")
-MOUNT_CLIENTS = ("pail", "s3fs", "rclone", "rclone-modtime")
+MOUNT_CLIENTS = ("pail", "pail-cache", "s3fs", "rclone", "rclone-modtime")
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,8 @@ def rows(workloads: list[str]) -> list[Row]:
         out.append(Row(name, w.metric, w.label, w.unit, w.better))
         if name in ("mount", "publish"):  # the same runs, mounted again right away
             out.append(Row(name, "warm_seconds", w.label.replace("cold", "warm"), "s", "lower"))
+        if w.second_pass:  # the same runs, the work done again on the same mount
+            out.append(Row(name, "pass2_" + w.metric, w.second_label, w.unit, w.better))
     return out
 
 
@@ -62,12 +68,16 @@ def ratios(result: dict, row: Row) -> dict:
         s = clients.get(client, {}).get("summaries", {}).get(row.field)
         return s["median"] if s else None
 
-    pail = median("pail")
+    pail, cached = median("pail"), median("pail-cache")
     out = {}
     for peer in ("s3fs", "rclone", "rclone-modtime", "raw"):
         other = median(peer)
         if pail is not None and other:
             out[f"pail/{peer}"] = pail / other
+    for other_name in ("pail", "raw"):
+        other = median(other_name)
+        if cached is not None and other:
+            out[f"pail-cache/{other_name}"] = cached / other
     return out
 
 
@@ -88,6 +98,7 @@ def markdown(result: dict) -> str:
     config, machine = result["config"], result["machine"]
     present = [c for c in CLIENT_LABELS if any(c in w["clients"] for w in result["workloads"].values())]
     has_modtime = "rclone-modtime" in present
+    has_cache = "pail-cache" in present
     lines = [
         (f"Pail against s3fs-fuse, rclone mount and a raw S3 client on one local SeaweedFS (127.0.0.1), "
          f"{result['date']}: median of {config['runs']} runs (min–max), each on a fresh mount with the page "
@@ -99,8 +110,8 @@ def markdown(result: dict) -> str:
          f"MB/s = 10^6 bytes/s."),
         "",
         "| workload | unit | better | " + " | ".join(CLIENT_LABELS[c] for c in present)
-        + " | Pail/s3fs | Pail/rclone | Pail/raw |",
-        "|---|---|---|" + "---:|" * len(present) + "---:|---:|---:|",
+        + " | Pail/s3fs | Pail/rclone | Pail/raw |" + (" Pail --cache/Pail | Pail --cache/raw |" if has_cache else ""),
+        "|---|---|---|" + "---:|" * len(present) + "---:|---:|---:|" + ("---:|---:|" if has_cache else ""),
     ]
     for row in rows(list(result["workloads"])):
         clients = result["workloads"][row.workload]["clients"]
@@ -109,7 +120,7 @@ def markdown(result: dict) -> str:
             runs = clients.get(client, {}).get("runs")
             s = clients.get(client, {}).get("summaries", {}).get(row.field)
             if s is None:
-                cells.append("error" if runs else "–")
+                cells.append("error" if any("error" in r for r in runs or []) else "–")
             elif s["n"] == 1:
                 cells.append(_fmt(s["median"]))
             else:
@@ -117,10 +128,18 @@ def markdown(result: dict) -> str:
         r = result["ratios"].get(row_id(row), {})
         rclone = r.get("pail/rclone-modtime") if row.workload == "list" and has_modtime else r.get("pail/rclone")
         mark = "¹" if row.workload == "list" and has_modtime and rclone is not None else ""
+        ratio_cells = [_fmt(r.get("pail/s3fs")), _fmt(rclone) + mark, _fmt(r.get("pail/raw"))]
+        if has_cache:
+            ratio_cells += [_fmt(r.get("pail-cache/pail")), _fmt(r.get("pail-cache/raw"))]
         lines.append(f"| {_labels(row, config)} | {row.unit} | {row.better} | " + " | ".join(cells) + " | "
-                     + " | ".join([_fmt(r.get("pail/s3fs")), _fmt(rclone) + mark, _fmt(r.get("pail/raw"))]) + " |")
+                     + " | ".join(ratio_cells) + " |")
     lines += ["", ("Ratios are Pail's median divided by the other client's median from the same run: above 1 "
                    "Pail is ahead where higher is better, behind where lower is better.")]
+    if has_cache:
+        lines.append(f"Pail --cache is `pail mount --cache DIR --max-cache-size 2GiB`, DIR a fresh directory on "
+                     f"local disk for every mount; it runs only where data is read again (reread, random reads). "
+                     f"Second pass / epoch 2: the same reads again on the same mount after the page cache was "
+                     f"dropped (and the server's files read back into it)." + _cache_counts(result))
     if has_modtime:
         lines.append("¹ For ls -l, Pail/rclone is against rclone with --use-server-modtime, the setting rclone "
                      "documents for fast listings (without it rclone reads every object's modification time "
@@ -128,13 +147,14 @@ def markdown(result: dict) -> str:
     iops = []
     for name in ("rand_read_1t", "rand_read_4t"):
         clients = result["workloads"].get(name, {}).get("clients", {})
-        found = {c: _median_of(v["runs"], "iops") for c, v in clients.items()}
-        if any(v is not None for v in found.values()):
-            iops.append(f"{name}: " + ", ".join(f"{CLIENT_LABELS[c]} {v:.0f}" for c, v in found.items()
-                                                 if v is not None))
+        for field, what in (("iops", name), ("pass2_iops", f"{name} second pass")):
+            found = {c: _median_of(v["runs"], field) for c, v in clients.items()}
+            if any(v is not None for v in found.values()):
+                iops.append(f"{what}: " + ", ".join(f"{CLIENT_LABELS[c]} {v:.0f}" for c, v in found.items()
+                                                     if v is not None))
     if iops:
         lines.append("Random reads in IOPS (median): " + "; ".join(iops) + ".")
-    raws = [f"{_labels(rows([n])[0], config)}: {WORKLOADS[n].raw}" for n in result["workloads"]
+    raws = [f"{_labels(rows([n])[0], config).partition(': ')[0]}: {WORKLOADS[n].raw}" for n in result["workloads"]
             if WORKLOADS[n].raw and "raw" in result["workloads"][n]["clients"]]
     if raws:
         lines.append("The raw client: " + "; ".join(raws) + ".")
@@ -144,6 +164,24 @@ def markdown(result: dict) -> str:
     if errors:
         lines += ["", "Errors:", *errors]
     return "\n".join(lines) + "\n"
+
+
+def _cache_counts(result: dict) -> str:
+    """What Pail's own counters say the cache did in each pass (median of the runs): blocks
+    of 1 MiB read from the cache (hit) and fetched from S3 (miss), and GetObject requests."""
+    parts = []
+    for name, w in result["workloads"].items():
+        runs = [r for r in w["clients"].get("pail-cache", {}).get("runs", []) if "error" not in r]
+        for label, get in (("pass 1", lambda r: r.get("pail_counters")),
+                           ("pass 2", lambda r: (r.get("pass2") or {}).get("pail_counters"))):
+            counted = [c for c in map(get, runs) if c]
+            if not counted:
+                continue
+            hit = statistics.median(c["cache_blocks"].get("hit", 0) for c in counted)
+            miss = statistics.median(c["cache_blocks"].get("miss", 0) for c in counted)
+            gets = statistics.median(c["s3_requests"].get("GetObject", 0) for c in counted)
+            parts.append(f"{name} {label}: {hit:.0f} hit, {miss:.0f} missed, {gets:.0f} GETs")
+    return (" Cache blocks of Pail --cache (its own counters, median): " + "; ".join(parts) + ".") if parts else ""
 
 
 def _short(s3fs: str | None) -> str | None:
@@ -187,15 +225,16 @@ def chart(result: dict, path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"pail": "#2a7ab0", "s3fs": "#e08a2c", "rclone": "#4d9e4d", "rclone-modtime": "#96c996",
-              "raw": "#888888"}
+    colors = {"pail": "#2a7ab0", "pail-cache": "#7fb6dd", "s3fs": "#e08a2c", "rclone": "#4d9e4d",
+              "rclone-modtime": "#96c996", "raw": "#888888"}
     panels = []
     for row in rows(list(result["workloads"])):
         clients = result["workloads"][row.workload]["clients"]
         bars = [(c, clients[c]["summaries"][row.field]) for c in CLIENT_LABELS
                 if clients.get(c, {}).get("summaries", {}).get(row.field)]
         if bars:
-            panels.append((f"{_labels(row, result['config'])}\n{row.unit}, {row.better} is better", bars))
+            title = textwrap.fill(_labels(row, result["config"]), 52)
+            panels.append((f"{title}\n{row.unit}, {row.better} is better", bars))
     rss = []
     for c in MOUNT_CLIENTS:
         values = [r["peak_rss_mib"] for w in result["workloads"].values() for r in w["clients"].get(c, {}).get(
@@ -217,7 +256,7 @@ def chart(result: dict, path) -> bool:
         ax.bar(range(len(bars)), medians, yerr=[low, high], capsize=3,
                color=[colors[c] for c in names])
         ax.set_xticks(range(len(bars)), [CLIENT_LABELS[c].replace(" --use-server-modtime", "\n(server modtime)")
-                                         for c in names], fontsize=8)
+                                         .replace(" --cache", "\n--cache") for c in names], fontsize=8)
         for x, (v, (_, s)) in enumerate(zip(medians, bars)):  # above the error bar, not on it
             ax.annotate(_fmt(v), (x, s["max"]), ha="center", va="bottom", fontsize=8, xytext=(0, 2),
                         textcoords="offset points")

@@ -2,8 +2,10 @@
 mount's directory and the Dataset, each doing its work in a child process (a shell tool
 or a small Python reader) under a timeout, and checking what it got.
 
-WORKLOADS describes every workload: what is timed, its metric, and which clients run it.
-The raw-client counterparts are in bench/raw.py.
+WORKLOADS describes every workload: what is timed, its metric, which clients run it, and
+which of them do the work a second time on the same mount (reread's epoch 2, the random
+reads' second pass; bench.compare drops the page cache in between). The raw-client
+counterparts are in bench/raw.py.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ CHILD_TIMEOUT = 300.0
 VISIBLE_TIMEOUT = 60.0
 MOUNTS = ("pail", "s3fs", "rclone")
 READERS = (*MOUNTS, "raw")
+# Pail with --cache runs only where a cache can matter: data read again.
+CACHED_READERS = ("pail", "pail-cache", "s3fs", "rclone", "raw")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,11 @@ class Workload:
     better: str  # "higher" or "lower"
     clients: tuple[str, ...]
     raw: str = ""  # what the raw client does instead
+    # Clients that do the same work a second time on the same mount (or raw client), after
+    # the page cache was dropped and the server's files read back into it (an epoch 2);
+    # its metric is the run's "pass2_" + metric, in a row labelled second_label.
+    second_pass: tuple[str, ...] = ()
+    second_label: str = ""
 
 
 WORKLOADS = {
@@ -46,10 +55,18 @@ WORKLOADS = {
                          "awscrt GET_OBJECT (8 MiB parts in parallel)"),
     "parallel_read": Workload("4 parallel readers, 4 × {size} objects", "mb_s", "MB/s", "higher", READERS,
                               "4 awscrt GET_OBJECTs at once"),
+    "reread": Workload("reread {size} object: epoch 1", "mb_s", "MB/s", "higher", CACHED_READERS,
+                       "awscrt GET_OBJECT, twice", second_pass=CACHED_READERS,
+                       second_label="reread {size} object: epoch 2 (page cache dropped)"),
     "rand_read_1t": Workload("random 256 KiB reads, {size} object, 1 thread", "mb_s", "MB/s", "higher",
-                             READERS, "boto3 ranged GETs, same offsets"),
+                             CACHED_READERS, "boto3 ranged GETs, same offsets", second_pass=("pail", "pail-cache"),
+                             second_label="random 256 KiB reads, {size} object, 1 thread: second pass "
+                                          "(same offsets, page cache dropped)"),
     "rand_read_4t": Workload("random 256 KiB reads, {size} object, 4 threads", "mb_s", "MB/s", "higher",
-                             READERS, "boto3 ranged GETs from 4 threads, same offsets"),
+                             CACHED_READERS, "boto3 ranged GETs from 4 threads, same offsets",
+                             second_pass=("pail", "pail-cache"),
+                             second_label="random 256 KiB reads, {size} object, 4 threads: second pass "
+                                          "(same offsets, page cache dropped)"),
     "list": Workload("ls -l of {list} objects", "seconds", "s", "lower", (*MOUNTS, "rclone-modtime", "raw"),
                      "boto3 ListObjectsV2 walk (1,000 keys a page)"),
     "cat_small": Workload("cat of {small} files of 64 KiB", "seconds", "s", "lower", READERS,

@@ -52,17 +52,19 @@ def test_seq_write_benchmark_runs_end_to_end(tmp_path):
 
 
 def test_compare_benchmark_runs_end_to_end(tmp_path):
-    """One tiny workload of the comparative benchmark, Pail and the raw client only (s3fs
-    and rclone are not test dependencies; the PNG is written only where matplotlib is)."""
+    """Two tiny workloads of the comparative benchmark, Pail and the raw client only (s3fs
+    and rclone are not test dependencies; the PNG is written only where matplotlib is),
+    plus Pail with --cache, which runs only in reread: the object read twice on one mount,
+    the page cache dropped in between."""
     result = subprocess.run(
         [sys.executable, "-m", "bench.compare", "--scale", "small", "--size-mib", "8", "--runs", "1",
-         "--only", "seq_read", "--clients", "pail,raw", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, check=False)
+         "--only", "seq_read,reread", "--clients", "pail,pail-cache,raw", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "compare.json").read_text())
-    assert list(report["workloads"]) == ["seq_read"]
+    assert list(report["workloads"]) == ["seq_read", "reread"]
     clients = report["workloads"]["seq_read"]["clients"]
-    assert set(clients) == {"pail", "raw"}
+    assert set(clients) == {"pail", "raw"}  # pail-cache only where data is read again
     for name, client in clients.items():
         [run] = client["runs"]
         assert "error" not in run, run
@@ -76,3 +78,21 @@ def test_compare_benchmark_runs_end_to_end(tmp_path):
     table = (tmp_path / "compare.md").read_text()
     assert "| sequential read, 8 MiB object | MB/s | higher |" in table
     assert f"{ratio:.2f} |" in table
+
+    reread = report["workloads"]["reread"]["clients"]
+    assert set(reread) == {"pail", "pail-cache", "raw"}
+    for name, client in reread.items():
+        [run] = client["runs"]
+        assert "error" not in run, run
+        assert run["bytes"] == run["pass2"]["bytes"] == 8 * 1024 * 1024, name  # both epochs, every byte
+        assert run["pass2"]["page_cache_dropped"] is True, name
+        assert client["summaries"]["pass2_mb_s"]["median"] == run["pass2_mb_s"] > 0, name
+    cached = reread["pail-cache"]["runs"][0]
+    # Pail's own counters: epoch 1 filled the cache, epoch 2 was served from it, no GET
+    assert cached["pail_counters"]["cache_blocks"].get("miss", 0) == 8
+    assert cached["pass2"]["pail_counters"]["cache_blocks"] == {"hit": 8}
+    assert "GetObject" not in cached["pass2"]["pail_counters"]["s3_requests"]
+    assert reread["pail"]["runs"][0]["pass2"]["pail_counters"]["s3_requests"]["GetObject"] >= 1  # no cache
+    assert cached["cache_disk_mib"] >= 8 and cached["cache_left_after_unmount_bytes"] == 0
+    assert "reread:pass2_mb_s" in report["ratios"] and "pail-cache/pail" in report["ratios"]["reread:pass2_mb_s"]
+    assert "| reread 8 MiB object: epoch 2 (page cache dropped) | MB/s | higher |" in table
