@@ -143,6 +143,9 @@ def build_parser(strict: bool = False) -> argparse.ArgumentParser:
             serve.add_argument("--node-id", required=True, help="this node's name (NodeGetInfo)")
             serve.add_argument("--state-dir", default="/var/lib/pail",
                                help="records of the mounts made, to find them after a restart")
+            serve.add_argument("--cache-dir",
+                               help="where volumes with the 'cache' mount option keep object data, "
+                                    "a directory of their own each (default: STATE_DIR/cache)")
             serve.add_argument("--kubelet-dir", default="/var/lib/kubelet",
                                help="kubelet's root directory: targets must be under it")
             serve.add_argument("--enable-ephemeral", action="store_true",

@@ -12,6 +12,10 @@ option stays out of reach until it is added here on purpose.
 Each entry holds one option, with or without a leading ``--``, as ``key=value``,
 ``key value`` or a bare flag (``read-only``); surrounding whitespace is ignored. Values
 are passed on as written: driver.config validates them when the mount is configured.
+
+``cache`` is written as a flag but becomes ``--cache DIR``: the directory is the node
+server's (one per target, under its --cache-dir), never the PV's, since the mount process
+creates, empties and removes it as root.
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ FLAGS = frozenset({"read-only", "allow-overwrite", "allow-delete", "requester-pa
 VALUE_OPTIONS = frozenset({
     "uid", "gid", "file-mode", "dir-mode", "metadata-ttl", "max-memory", "write-part-size",
     "request-timeout", "storage-class", "sse", "sse-kms-key-id", "expected-bucket-owner",
-    "upload-checksums", "region", "prefix",
+    "upload-checksums", "region", "prefix", "max-cache-size",
 })
-ALLOWED = FLAGS | VALUE_OPTIONS
+# Written as flags, passed with a value the node server supplies: ``cache`` becomes
+# ``--cache <cache_dir>`` (parse_mount_flags).
+NODE_VALUED = frozenset({"cache"})
+ALLOWED = FLAGS | VALUE_OPTIONS | NODE_VALUED
 
 _ADMIN = "is set by a cluster admin in the volume attributes, not in mountOptions"
 _NODE = "is set by the node server, not in mountOptions"
@@ -57,16 +64,18 @@ class MountFlagError(ValueError):
         self.reason = reason
 
 
-def parse_mount_flags(flags: Sequence[str]) -> list[str]:
+def parse_mount_flags(flags: Sequence[str], *, cache_dir: str | None = None) -> list[str]:
     """``pail mount`` arguments for ``flags``, in order, e.g. ["--uid", "1000", "--read-only"].
 
-    Raises MountFlagError for the first entry that is refused. A value that starts with
-    "-" is passed as ``--key=value``, so that argparse cannot take it for an option.
+    ``cache`` becomes ``--cache cache_dir`` (the node server's directory for this target);
+    without a ``cache_dir`` it is refused. Raises MountFlagError for the first entry that is
+    refused. A value that starts with "-" is passed as ``--key=value``, so that argparse
+    cannot take it for an option.
     """
     if isinstance(flags, str):
         raise TypeError("mount flags are a list of strings, not one string")
     args: list[str] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # option -> its name as written
     for entry in flags:
         written, value = _split(entry)
         key = written[2:] if written.startswith("--") else written
@@ -77,7 +86,15 @@ def parse_mount_flags(flags: Sequence[str]) -> list[str]:
                                           + ", ".join(sorted(ALLOWED)) + ")")
         if key in seen:
             raise MountFlagError(written, "given more than once")
-        seen.add(key)
+        seen[key] = written
+        if key == "cache":
+            if value is not None:
+                raise MountFlagError(written, "the cache directory is chosen by the node server: "
+                                              "write 'cache' alone")
+            if not cache_dir:
+                raise MountFlagError(written, "this node server keeps no cache directory")
+            args.extend([f"--{key}", cache_dir])
+            continue
         if key in FLAGS:
             if value is not None:
                 raise MountFlagError(written, "is a flag and takes no value")
@@ -90,6 +107,9 @@ def parse_mount_flags(flags: Sequence[str]) -> list[str]:
         if len(value.encode("utf-8", "surrogatepass")) > MAX_VALUE_BYTES:
             raise MountFlagError(written, f"the value is longer than {MAX_VALUE_BYTES} bytes")
         args.extend([f"--{key}={value}"] if value.startswith("-") else [f"--{key}", value])
+    if "max-cache-size" in seen and "cache" not in seen:
+        # pail mount would say "needs --cache DIR", which is no option a PV can write.
+        raise MountFlagError(seen["max-cache-size"], "sizes the cache: add the 'cache' mount option too")
     return args
 
 

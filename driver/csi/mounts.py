@@ -10,6 +10,10 @@ A volume with its own credentials (a secret's keys, a pod's token) gets them in
 ``<state>/credentials/<target hash>.json``: created 0600 in a 0700 directory, replaced
 atomically on every publish (kubelet's republish brings fresh tokens, which the mount
 process picks up without remounting) and deleted with the mount.
+
+A volume with the ``cache`` mount option keeps object data in ``<cache dir>/<target
+hash>/``: made 0700 before its mount process starts, removed with the mount (the process
+empties it when it ends, but not when it is killed), kept for a mount that is adopted.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import errno
 import hashlib
 import json
 import os
+import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,7 +75,7 @@ class MountRecord:
 
 class MountManager:
     def __init__(self, state_dir: Path, *, env: dict[str, str] | None = None,
-                 metrics_dir: Path | None = None) -> None:
+                 metrics_dir: Path | None = None, cache_dir: Path | None = None) -> None:
         self._dir = state_dir / "mounts"
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._credentials_dir = state_dir / "credentials"
@@ -80,6 +86,8 @@ class MountManager:
         self._metrics_dir = metrics_dir
         if metrics_dir is not None:
             metrics_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._cache_dir = cache_dir if cache_dir is not None else state_dir / "cache"
+        self._cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._children: dict[int, subprocess.Popen] = {}
 
     # -- records ---------------------------------------------------------------------------
@@ -90,6 +98,10 @@ class MountManager:
     def credentials_path(self, target: str) -> str:
         """Where the mount at ``target`` finds its own credentials, if it has any."""
         return str(self._credentials_dir / (_target_hash(target) + ".json"))
+
+    def cache_path(self, target: str) -> str:
+        """The directory of the mount at ``target``'s cache, if it has one (``--cache``)."""
+        return str(self._cache_dir / _target_hash(target))
 
     def _write_credentials(self, spec: MountSpec, target: str) -> None:
         if spec.credentials is None:
@@ -151,6 +163,7 @@ class MountManager:
             pid = self._start(spec, target)
         except BaseException:
             Path(self.credentials_path(target)).unlink(missing_ok=True)
+            _remove_tree(self.cache_path(target))
             raise
         self._save(MountRecord(spec.volume_id, target, pid, spec.fingerprint, time.time()))
         return True
@@ -175,6 +188,11 @@ class MountManager:
         for path in self._credentials_dir.iterdir():
             if str(path) not in recorded:  # left by a server that died mid-publish
                 path.unlink(missing_ok=True)
+        caches = {self.cache_path(r.target) for r in self.records()}
+        for path in self._cache_dir.iterdir():
+            # Only names this manager makes: --cache-dir may be a directory others use too.
+            if _TARGET_HASH.fullmatch(path.name) and str(path) not in caches:
+                _remove_tree(str(path))
         return kept, cleaned
 
     def is_serving(self, record: MountRecord) -> bool:
@@ -196,6 +214,11 @@ class MountManager:
 
     def _start(self, spec: MountSpec, target: str) -> int:
         os.makedirs(target, mode=0o750, exist_ok=True)
+        cache = self.cache_path(target)
+        if cache in spec.options:
+            # The node server's directory, whoever made it before: pods' data goes in it.
+            os.makedirs(cache, mode=0o700, exist_ok=True)
+            os.chmod(cache, 0o700)
         read_end, write_end = os.pipe()
         command = [sys.executable, "-m", "driver", "mount", spec.bucket, target, *spec.options,
                    "--foreground", "--allow-other", "--log-format", "json", "--ready-fd", str(write_end)]
@@ -245,6 +268,9 @@ class MountManager:
             # pile up and be read at every scrape.
             for file in self._metrics_dir.glob(f"*_{pid}.db"):
                 file.unlink(missing_ok=True)
+        # A mount process empties its cache as it ends, but not when it is killed (or dies
+        # with the node container), and leaves its lock file either way.
+        _remove_tree(self.cache_path(target))
         self._record_path(target).unlink(missing_ok=True)
         Path(self.credentials_path(target)).unlink(missing_ok=True)
         try:
@@ -290,6 +316,16 @@ _NODE_CREDENTIAL_VARIABLES = (
 
 def _target_hash(target: str) -> str:
     return hashlib.sha256(target.encode()).hexdigest()[:32]
+
+
+_TARGET_HASH = re.compile(r"[0-9a-f]{32}")
+
+
+def _remove_tree(path: str) -> None:
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
 
 
 def _is_mount_point(path: str) -> bool:

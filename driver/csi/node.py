@@ -151,7 +151,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 options += [f"{option}={value}"] if value.startswith("-") else [option, value]
         if ctx.parse_bool(attributes.get(ctx.FORCE_PATH_STYLE, "false"), ctx.FORCE_PATH_STYLE):
             options.append("--force-path-style")
-        flags = parse_mount_flags(capability.mount.mount_flags)
+        flags = parse_mount_flags(capability.mount.mount_flags, cache_dir=self._mounts.cache_path(target))
         if capability.mount.volume_mount_group:
             group = capability.mount.volume_mount_group
             if not re.fullmatch(r"[0-9]+", group):  # not str.isdigit(): "١٢٣" and "²" are digits

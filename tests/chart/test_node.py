@@ -106,6 +106,24 @@ def test_state_dir_survives_container_restarts(rendered, values, kubelet):
     assert h.volume(ds, volume_name)["hostPath"]["path"] + "/" + inside == state
 
 
+@pytest.mark.parametrize("values,cache", [
+    ("defaults.yaml", {}),
+    ("cache.yaml", {"medium": "Memory", "sizeLimit": "20Gi"}),
+])
+def test_cache_dir_is_an_empty_dir_of_the_node_pod(rendered, values, cache):
+    """Volumes with the `cache` mount option keep data in --cache-dir: an emptyDir in the
+    pail container (mount processes run there), with the medium and size limit of values."""
+    ds = node_ds(rendered(values))
+    pail = h.container(ds, "pail")
+    cache_dir = parse_node_args(ds).cache_dir
+    assert cache_dir == "/var/cache/pail"
+    volume_name, inside = h.volume_at(ds, pail, f"{cache_dir}/0123abcd")
+    assert (volume_name, inside) == ("cache", "0123abcd")
+    assert h.volume(ds, "cache") == {"name": "cache", "emptyDir": cache}
+    for name in ("node-driver-registrar", "liveness-probe"):
+        assert "cache" not in [m["name"] for m in h.container(ds, name)["volumeMounts"]]
+
+
 def test_custom_kubelet_dir_moves_every_host_path(rendered):
     ds = node_ds(rendered("custom-kubelet-dir.yaml"))
     host_paths = [v["hostPath"]["path"] for v in h.pod_spec(ds)["volumes"] if "hostPath" in v]

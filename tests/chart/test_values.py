@@ -50,6 +50,14 @@ def test_lint_rejects_bad_values(helm, values, named):
     ("credentials.podLevel.podIdentityAgentUrl=off", "/credentials/podLevel/podIdentityAgentUrl"),
     ("node.resources.limits.memroy=1Gi", "memroy"),
     ("sidecars.csiProvisioner.timeout=60", "/sidecars/csiProvisioner/timeout"),
+    ("node.cache.medium=memory", "/node/cache/medium"),
+    ("node.cache.medium=HugePages", "/node/cache/medium"),
+    ("node.cache.sizeLimit=20GB", "/node/cache/sizeLimit"),
+    ("node.cache.sizeLimit=-1Gi", "/node/cache/sizeLimit"),
+    ("node.cache.sizeLimit=0Gi", "/node/cache/sizeLimit"),        # kubelet would evict at once
+    # A number, not a quantity string: in a values file it is a float, printed 1.073741824e+10.
+    ("node.cache.sizeLimit=10737418240", "/node/cache/sizeLimit"),
+    ("node.cache.size=1Gi", "size"),
 ])
 def test_set_rejects_bad_values(helm, setting, named):
     result = h.run_helm(*h.template_args(None, "--set", setting))
@@ -62,6 +70,9 @@ def test_set_rejects_bad_values(helm, setting, named):
     "node.serviceAccount.roleArn=arn:aws-us-gov:iam::111122223333:role/path/pail-node",
     "credentials.podLevel.podIdentityAgentUrl=none",
     "controller.s3.endpointUrl=http://10.0.0.5:9000",
+    "node.cache.sizeLimit=512Mi",
+    "node.cache.sizeLimit=1.5Ti",
+    "node.cache.medium=Memory",
 ])
 def test_set_accepts_valid_values(helm, setting):
     result = h.run_helm(*h.template_args(None, "--set", setting))

@@ -15,6 +15,7 @@ from driver.csi.mount_flags import (
     ALLOWED,
     FLAGS,
     MAX_VALUE_BYTES,
+    NODE_VALUED,
     REFUSED,
     VALUE_OPTIONS,
     MountFlagError,
@@ -192,7 +193,50 @@ def test_long_option_names_are_shortened_in_the_message():
     with pytest.raises(MountFlagError) as caught:
         parse_mount_flags(["y" * 10_000])
     assert caught.value.option == "y" * 10_000
-    assert len(str(caught.value)) < 400
+    # The name is cut to 80 characters; the rest is the list of allowed options.
+    assert len(str(caught.value)) < 150 + len(", ".join(sorted(ALLOWED)))
+
+
+CACHE_DIR = "/var/cache/pail/0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["cache"], ["--cache", CACHE_DIR]),
+    ([" --cache "], ["--cache", CACHE_DIR]),
+    (["read-only", "cache", "max-cache-size=64MiB"],
+     ["--read-only", "--cache", CACHE_DIR, "--max-cache-size", "64MiB"]),
+    (["--max-cache-size 2GiB", "cache"], ["--max-cache-size", "2GiB", "--cache", CACHE_DIR]),
+    (["read-only"], ["--read-only"]),
+])
+def test_cache_is_a_flag_whose_directory_the_node_server_gives(flags, expected):
+    args = parse_mount_flags(flags, cache_dir=CACHE_DIR)
+    assert args == expected
+    namespace = _parse_pail_mount(args)
+    assert namespace.cache == (CACHE_DIR if "--cache" in expected else None)
+
+
+@pytest.mark.parametrize("flags,option,reason", [
+    (["cache=/etc"], "cache", "chosen by the node server"),
+    (["--cache=/etc"], "--cache", "chosen by the node server"),
+    (["cache /etc"], "cache", "chosen by the node server"),
+    (["cache="], "cache", "chosen by the node server"),
+    (["cache", "--cache"], "--cache", "more than once"),
+    (["max-cache-size=1GiB"], "max-cache-size", "add the 'cache' mount option"),
+    (["--max-cache-size 1GiB", "read-only"], "--max-cache-size", "add the 'cache' mount option"),
+    (["cache", "max-cache-size"], "max-cache-size", "needs a value"),
+])
+def test_refused_cache_entries(flags, option, reason):
+    with pytest.raises(MountFlagError) as caught:
+        parse_mount_flags(flags, cache_dir=CACHE_DIR)
+    assert caught.value.option == option
+    assert reason in caught.value.reason
+
+
+def test_cache_needs_a_node_server_with_a_cache_directory():
+    with pytest.raises(MountFlagError) as caught:
+        parse_mount_flags(["cache"])
+    assert caught.value.option == "cache" and "no cache directory" in caught.value.reason
+    assert NODE_VALUED == {"cache"} and not NODE_VALUED & (FLAGS | VALUE_OPTIONS)
 
 
 def test_one_string_is_not_a_list_of_flags():
@@ -234,9 +278,12 @@ _FLAG_ENTRY = st.builds(
 @given(st.lists(st.text() | _FLAG_ENTRY))
 @example(["uid=1", "endpoint-url=http://x"])
 @example(["read-only", "prefix=--allow-other"])
+@example(["cache", "max-cache-size=1GiB"])
+@example(["max-cache-size=1GiB"])
+@example(["cache=--allow-other"])
 def test_parse_mount_flags_never_lets_a_refused_option_through(flags):
     try:
-        args = parse_mount_flags(flags)
+        args = parse_mount_flags(flags, cache_dir=CACHE_DIR)
     except MountFlagError as exc:
         assert any(exc.option in f for f in flags)
         return
