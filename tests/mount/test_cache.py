@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from driver.fs.cache import BLOCK_SIZE
 from tests.support.mounts import MountFailed, pail_cli
 
 MiB = 1024 * 1024
@@ -35,6 +36,10 @@ def cache_files(cache) -> list:
     return [p for p in (cache / "pail-cache").rglob("*") if p.is_file()]
 
 
+def disk_use(cache) -> int:
+    return sum(p.stat().st_size for p in cache_files(cache))
+
+
 @pytest.mark.s3_servers("seaweedfs")
 def test_reading_again_comes_from_the_cache(s3, bucket, proxy, mount_bucket, tmp_path):
     data = random.Random(1).randbytes(5 * MiB + 12345)  # a last block that is not whole
@@ -43,7 +48,7 @@ def test_reading_again_comes_from_the_cache(s3, bucket, proxy, mount_bucket, tmp
     mount = mount_bucket(bucket, "--cache", str(cache), endpoint=proxy.endpoint)
     assert read_all(mount.path / "data/train.bin") == data
     assert fetched(proxy) >= len(data)
-    assert len(cache_files(cache)) == 6  # blocks of 1 MiB
+    assert len(cache_files(cache)) == -(-len(data) // BLOCK_SIZE)  # whole blocks, and the short last one
 
     proxy.clear()
     for _ in range(2):
@@ -90,7 +95,7 @@ def test_a_damaged_block_is_read_from_s3_again(s3, bucket, proxy, mount_bucket, 
         f.write(bytes([byte[0] ^ 0xFF]))
     proxy.clear()
     assert read_all(mount.path / "f") == data
-    assert fetched(proxy) == MiB, "the damaged block only"
+    assert fetched(proxy) == BLOCK_SIZE, "the damaged block only"
     assert any(e["event"].startswith("cache block failed its check") for e in mount.log())
 
 
@@ -104,10 +109,9 @@ def test_the_cache_stays_within_its_size(s3, bucket, mount_bucket, tmp_path):
         assert hashlib.sha256(read_all(mount.path / "big")).digest() == hashlib.sha256(data).digest()
         # Blocks are written off the read path: wait (bounded) for the writer to catch up.
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(cache_files(cache)) < 15:
+        while time.monotonic() < deadline and disk_use(cache) < 15 * MiB:
             time.sleep(0.1)
-        on_disk = sum(p.stat().st_size for p in cache_files(cache))
-        assert 15 * MiB <= on_disk <= 16 * MiB
+        assert 15 * MiB <= disk_use(cache) <= 16 * MiB
 
 
 @pytest.mark.s3_servers("seaweedfs")
