@@ -14,10 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi import csi_pb2, csi_pb2_grpc
 from tests.csi.test_metrics import scrape, total
 from tests.support.kubelet import Kubelet, NodeServer, capability, mounted
-from tests.support.namespaces import alive, children, cmdline, mount_process
+from tests.support.namespaces import alive, cmdline, mount_process
 from tests.support.processes import wait_until
 from tests.support.s3server import free_port
 
@@ -115,18 +114,26 @@ def test_without_the_option_a_reread_goes_to_s3(s3, bucket, proxy, cache_node):
     assert list(cache_dir.iterdir()) == []
 
 
+def _publish_and_read(s3, bucket, endpoint, cache_node, volume):
+    """Publish a cached volume to a new pod, read a file of it and wait (bounded) until its
+    blocks are in the cache; returns the pod, target, attributes and the file's bytes."""
+    kubelet, _, port = cache_node
+    data = os.urandom(3 * MiB)
+    s3.put_object(Bucket=bucket, Key="f.bin", Body=data)
+    attributes = {"bucketName": bucket, "endpoint": endpoint, "region": "us-east-1"}
+    pod = kubelet.new_pod()
+    target = kubelet.publish(pod, volume, attributes, cap=capability(flags=CACHED))
+    assert (target / "f.bin").read_bytes() == data
+    wait(lambda: total(scrape(port), "pail_cache_bytes") >= len(data), "the file's blocks in the cache")
+    return pod, target, attributes, data
+
+
 def test_a_killed_mount_leaves_its_blocks_until_unpublish(s3, bucket, cache_node, s3_server):
     """A mount process empties its cache as it ends; killed, it cannot, and the node server
     removes the directory instead (on unpublish, or on the republish that repairs it)."""
     kubelet, cache_dir, port = cache_node
-    data = os.urandom(3 * MiB)
-    s3.put_object(Bucket=bucket, Key="f.bin", Body=data)
-    attributes = {"bucketName": bucket, "endpoint": s3_server.endpoint, "region": "us-east-1"}
-    pod = kubelet.new_pod()
-    target = kubelet.publish(pod, "pv-killed", attributes, cap=capability(flags=CACHED))
+    pod, target, attributes, data = _publish_and_read(s3, bucket, s3_server.endpoint, cache_node, "pv-killed")
     cache = _cache_of(target)
-    assert (target / "f.bin").read_bytes() == data
-    wait(lambda: total(scrape(port), "pail_cache_bytes") >= len(data), "the file's blocks in the cache")
     mounter = mount_process(target)
     os.kill(mounter, signal.SIGKILL)
     wait(lambda: not alive(mounter), "the mount process dies")
@@ -140,29 +147,10 @@ def test_a_killed_mount_leaves_its_blocks_until_unpublish(s3, bucket, cache_node
     assert not mounted(target) and not cache.exists()
 
 
-def _grpc_server_pid(server: NodeServer) -> int | None:
-    return next((pid for pid in children(server.process.pid)
-                 if b"--no-supervisor" in cmdline(pid) and alive(pid)), None)
-
-
-def _probe(server: NodeServer) -> bool:
-    with grpc.insecure_channel(f"unix://{server.socket}") as channel:  # no reconnect backoff
-        try:
-            return csi_pb2_grpc.IdentityStub(channel).Probe(csi_pb2.ProbeRequest(), timeout=1).ready.value
-        except grpc.RpcError:
-            return False
-
-
 def test_a_restarted_server_keeps_the_cache_of_an_adopted_mount(s3, bucket, proxy, cache_node):
     kubelet, cache_dir, port = cache_node
-    data = os.urandom(3 * MiB)
-    s3.put_object(Bucket=bucket, Key="f.bin", Body=data)
-    attributes = {"bucketName": bucket, "endpoint": proxy.endpoint, "region": "us-east-1"}
-    pod = kubelet.new_pod()
-    target = kubelet.publish(pod, "pv-adopted", attributes, cap=capability(flags=CACHED))
+    pod, target, attributes, data = _publish_and_read(s3, bucket, proxy.endpoint, cache_node, "pv-adopted")
     cache = _cache_of(target)
-    assert (target / "f.bin").read_bytes() == data
-    wait(lambda: total(scrape(port), "pail_cache_bytes") >= len(data), "the file's blocks in the cache")
     # What a server that died mid-publish leaves: a directory of no recorded mount. Only
     # names the node server makes are its to remove.
     orphan = cache_dir / ("0" * 32)
@@ -170,9 +158,9 @@ def test_a_restarted_server_keeps_the_cache_of_an_adopted_mount(s3, bucket, prox
     (cache_dir / "someone-elses").mkdir()
 
     server = kubelet.server
-    old = _grpc_server_pid(server)
+    old = server.grpc_server_pid()
     os.kill(old, signal.SIGTERM)
-    wait(lambda: _grpc_server_pid(server) not in (None, old) and _probe(server), "a new server answers Probe")
+    wait(lambda: server.grpc_server_pid() not in (None, old) and server.answers_probe(), "a new server answers Probe")
     assert [(e["kept"], e["cleaned"]) for e in server.events("mounts adopted")] == [(0, 0), (1, 0)]
     assert not orphan.exists() and (cache_dir / "someone-elses").exists()
     assert cache.exists() and _cache_of(target) == cache

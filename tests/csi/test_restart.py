@@ -25,10 +25,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import grpc
 import pytest
 
-from csi import csi_pb2, csi_pb2_grpc
 from tests.support.kubelet import Kubelet, NodeServer, mounted
 from tests.support.namespaces import (PodContainer, SharedDirectory, alive, children, cmdline, fuse_mounts_at,
                                       mount_process, namespace_pid, node_container_prefix)
@@ -63,11 +61,7 @@ class NodeContainer:
                      if b"--no-supervisor" in cmdline(pid) and alive(pid)), None)
 
     def ready(self) -> bool:
-        with grpc.insecure_channel(f"unix://{self.server.socket}") as channel:  # no reconnect backoff
-            try:
-                return csi_pb2_grpc.IdentityStub(channel).Probe(csi_pb2.ProbeRequest(), timeout=1).ready.value
-            except grpc.RpcError:
-                return False
+        return self.server.answers_probe()
 
     def wait_restarted(self, crashed: int) -> None:
         """Until a new server process answers Probe."""

@@ -21,15 +21,12 @@ import os
 import signal
 import time
 
-import grpc
 import pytest
 
-from csi import csi_pb2, csi_pb2_grpc
 from tests.support.kubelet import Kubelet, NodeServer, mounted
 from tests.support.namespaces import (
     alive,
     children,
-    cmdline,
     fuse_mounts_at,
     mount_process,
 )
@@ -55,19 +52,6 @@ def server(s3_server, tmp_path):
             server.stop()  # also unmounts and kills whatever mount is left
 
 
-def _grpc_server_pid(server: NodeServer) -> int | None:
-    return next((pid for pid in children(server.process.pid)
-                 if b"--no-supervisor" in cmdline(pid) and alive(pid)), None)
-
-
-def _probe(server: NodeServer) -> bool:
-    with grpc.insecure_channel(f"unix://{server.socket}") as channel:  # no reconnect backoff
-        try:
-            return csi_pb2_grpc.IdentityStub(channel).Probe(csi_pb2.ProbeRequest(), timeout=1).ready.value
-        except grpc.RpcError:
-            return False
-
-
 def test_sigterm_to_the_grpc_server_alone_leaves_the_mounts_alone(server, s3, bucket, attributes):
     data = os.urandom(2 * MiB)
     s3.put_object(Bucket=bucket, Key="input.bin", Body=data)
@@ -79,14 +63,14 @@ def test_sigterm_to_the_grpc_server_alone_leaves_the_mounts_alone(server, s3, bu
     held = os.open(target / "input.bin", os.O_RDONLY)  # a pod's open file, across the restart
     try:
         assert os.pread(held, MiB, 0) == data[:MiB]
-        old = _grpc_server_pid(server)
+        old = server.grpc_server_pid()
         assert old is not None
 
         signalled = time.monotonic()
         os.kill(old, signal.SIGTERM)
         wait(lambda: not alive(old), "the gRPC server exits on SIGTERM")
         exited = time.monotonic()
-        new = wait(lambda: (pid := _grpc_server_pid(server)) not in (None, old) and _probe(server) and pid,
+        new = wait(lambda: (pid := server.grpc_server_pid()) not in (None, old) and server.answers_probe() and pid,
                     "the supervisor starts a new server, which answers Probe")
         answered = time.monotonic()
         print(f"\nSIGTERM to the gRPC server: exited {exited - signalled:.2f} s, "
@@ -112,7 +96,7 @@ def test_sigterm_to_the_grpc_server_alone_leaves_the_mounts_alone(server, s3, bu
         assert (other / "input.bin").read_bytes() == data
         (other / "written-after.txt").write_bytes(b"after the restart")
         assert s3.get_object(Bucket=bucket, Key="written-after.txt")["Body"].read() == b"after the restart"
-        assert _grpc_server_pid(server) == new
+        assert server.grpc_server_pid() == new
     finally:
         os.close(held)
     kubelet.unpublish(pod, "pv-data")  # the adopted mount is stopped by the new server

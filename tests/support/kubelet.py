@@ -17,6 +17,7 @@ import grpc
 from csi import csi_pb2, csi_pb2_grpc
 from tests.support.csi_server import AccessMode, CsiServerProcess, capability  # noqa: F401 (re-exported)
 from tests.support.mounts import force_unmount, is_mounted
+from tests.support.namespaces import alive, children, cmdline
 
 
 @dataclass
@@ -55,6 +56,18 @@ class NodeServer(CsiServerProcess):
 
     def node(self):
         return csi_pb2_grpc.NodeStub(self.channel())
+
+    def grpc_server_pid(self) -> int | None:
+        """The supervised gRPC server process (the supervisor restarts it when it dies)."""
+        return next((pid for pid in children(self.process.pid)
+                     if b"--no-supervisor" in cmdline(pid) and alive(pid)), None)
+
+    def answers_probe(self) -> bool:
+        with grpc.insecure_channel(f"unix://{self.socket}") as channel:  # no reconnect backoff
+            try:
+                return csi_pb2_grpc.IdentityStub(channel).Probe(csi_pb2.ProbeRequest(), timeout=1).ready.value
+            except grpc.RpcError:
+                return False
 
     def terminate(self) -> None:
         self.process.terminate()  # one SIGTERM to the supervisor, as a container runtime sends
