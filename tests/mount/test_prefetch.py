@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from tests.support.processes import proc_status_bytes
+from tests.support.proxy import Status
 
 KiB, MiB = 1024, 1024 * 1024
 MIN_REQUEST = 256 * KiB  # FsSettings defaults
@@ -123,6 +124,21 @@ def test_cat_of_a_directory_fetches_the_next_files_ahead_once_each(s3, bucket, p
     assert result.stdout == b"".join(contents[n] for n in sorted(contents))
     assert sorted(r.key for r in proxy.records("GetObject")) == sorted(f"dir/{n}" for n in contents)
     assert proxy.max_in_flight("GetObject") > 1  # files fetched while cat read others
+
+
+def test_a_failed_fetch_ahead_is_fetched_again_by_the_reader(s3, bucket, proxy, mount_bucket):
+    contents = _small_files(s3, bucket, 20)
+    mount = mount_bucket(bucket, "--metadata-ttl", "60", endpoint=proxy.endpoint)
+    proxy.clear()
+    # The first GET of f010, fetched ahead while cat reads an earlier file, is refused
+    # (403 is not retried); the program must not see it.
+    with proxy.inject(Status(403, "AccessDenied"), op="GetObject", match=lambda r: r.key == "dir/f010") as refused:
+        result = subprocess.run(["bash", "-c", 'cd "$1" && LC_ALL=C cat dir/*', "-", str(mount.path)],
+                                capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"".join(contents[n] for n in sorted(contents))
+    assert refused.hits == 1
+    assert [r.status for r in proxy.records("GetObject") if r.key == "dir/f010"] == [403, 206]
 
 
 def test_files_read_out_of_order_are_fetched_only_when_opened(s3, bucket, proxy, mount_bucket):
