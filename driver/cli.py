@@ -30,6 +30,7 @@ from driver.config import (
     normalize_prefix,
     parse_id,
     parse_mode,
+    parse_quantity,
     parse_seconds,
     parse_size,
     parse_ttl,
@@ -146,6 +147,9 @@ def build_parser(strict: bool = False) -> argparse.ArgumentParser:
             serve.add_argument("--cache-dir",
                                help="where volumes with the 'cache' mount option keep object data, "
                                     "a directory of their own each (default: STATE_DIR/cache)")
+            serve.add_argument("--cache-capacity",
+                               help="refuse a publish whose max-cache-size would take the caches of all "
+                                    "mounts past this, a quantity such as 20Gi (default: no limit)")
             serve.add_argument("--kubelet-dir", default="/var/lib/kubelet",
                                help="kubelet's root directory: targets must be under it")
             serve.add_argument("--enable-ephemeral", action="store_true",
@@ -363,6 +367,7 @@ def csi(args: argparse.Namespace, argv: Sequence[str]) -> int:
             # It is in every cached mount's command line and record: a restarted server
             # must name the same directory whatever its working directory.
             raise ConfigError("--cache-dir", f"must be an absolute path, not {args.cache_dir!r}")
+        cache_capacity = parse_quantity(args.cache_capacity, "--cache-capacity") if args.cache_capacity else None
         pod_identity = PodIdentitySettings(
             sts_endpoint=args.sts_endpoint_url or None,
             sts_region=args.sts_region or os.environ.get("AWS_REGION") or None,
@@ -376,7 +381,8 @@ def csi(args: argparse.Namespace, argv: Sequence[str]) -> int:
                  pod_identity=pod_identity, kubeconfig=args.kubeconfig if node else None,
                  controller_settings=controller_settings,
                  metrics=(args.metrics_address, args.metrics_port) if node and args.metrics_port else None,
-                 cache_dir=Path(args.cache_dir) if node and args.cache_dir else None)
+                 cache_dir=Path(args.cache_dir) if node and args.cache_dir else None,
+                 cache_capacity=cache_capacity if node else None)
     return 0
 
 

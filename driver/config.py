@@ -95,6 +95,21 @@ def parse_size(text: str, option: str) -> int:
     return number * {"": 1, "k": KiB, "m": MiB, "g": 1024 * MiB}[unit]
 
 
+_QUANTITY_UNITS = {"": 1, "k": 1000, "M": 1000 ** 2, "G": 1000 ** 3, "T": 1000 ** 4, "P": 1000 ** 5,
+                   "Ki": KiB, "Mi": MiB, "Gi": 1024 * MiB, "Ti": 1024 ** 4, "Pi": 1024 ** 5}
+
+
+def parse_quantity(text: str, option: str) -> int:
+    """Bytes as Kubernetes writes them (20Gi, 500M, 1.5Ti), as an emptyDir's sizeLimit is."""
+    match = re.fullmatch(r"([0-9]{1,20}(?:\.[0-9]{1,9})?)(k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?", text.strip())
+    if not match:
+        raise ConfigError(option, f"expected a quantity such as 20Gi, not {text!r}")
+    number, unit = match.group(1), match.group(2) or ""
+    whole, _, fraction = number.partition(".")
+    scale = _QUANTITY_UNITS[unit]
+    return int(whole) * scale + (int(fraction) * scale // 10 ** len(fraction) if fraction else 0)
+
+
 # botocore's own rule (validate_region_name): other names make it raise where the mount
 # process would die before saying why.
 REGION_NAME = re.compile(r"(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)")

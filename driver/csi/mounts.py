@@ -28,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ import grpc
 import structlog
 
 from driver import readiness
+from driver.config import ConfigError, FsSettings, parse_size
 from driver.csi.errors import MOUNT_ERROR_CODES, CsiError
 from driver.log import VOLUME_ID_ENV
 from driver.mountpoint import mounts as mount_table
@@ -58,6 +60,25 @@ class MountSpec:
     credentials: dict | None = field(default=None, compare=False, repr=False)
 
     @property
+    def cache_size(self) -> int:
+        """Bytes of node disk its --cache may take (0: no cache); a size the mount process
+        will refuse counts as the default, and the mount fails anyway."""
+        if "--cache" not in self.options:
+            return 0
+        text = None
+        for option, value in zip(self.options, (*self.options[1:], None)):
+            if option == "--max-cache-size":
+                text = value
+            elif option.startswith("--max-cache-size="):
+                text = option.partition("=")[2]
+        try:
+            size = parse_size(text, "--max-cache-size") if text else FsSettings.max_cache_size
+        except ConfigError:
+            size = FsSettings.max_cache_size
+        # Each 1 MiB block file takes one more file-system block for its 16-byte header.
+        return size + size // 128 + CACHE_OVERHEAD
+
+    @property
     def fingerprint(self) -> str:
         """Equal for publishes a target may share (tokens and pod info are not part of it)."""
         text = json.dumps([self.volume_id, self.bucket, list(self.options)])
@@ -71,11 +92,13 @@ class MountRecord:
     pid: int
     fingerprint: str
     started: float
+    cache_size: int = 0  # MountSpec.cache_size, counted against --cache-capacity
 
 
 class MountManager:
     def __init__(self, state_dir: Path, *, env: dict[str, str] | None = None,
-                 metrics_dir: Path | None = None, cache_dir: Path | None = None) -> None:
+                 metrics_dir: Path | None = None, cache_dir: Path | None = None,
+                 cache_capacity: int | None = None) -> None:
         self._dir = state_dir / "mounts"
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._credentials_dir = state_dir / "credentials"
@@ -88,6 +111,9 @@ class MountManager:
             metrics_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._cache_dir = cache_dir if cache_dir is not None else state_dir / "cache"
         self._cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._cache_capacity = cache_capacity
+        self._cache_mutex = threading.Lock()  # publishes of different targets run at once
+        self._cache_starting: dict[str, int] = {}  # target -> cache size, while it is mounted
         self._children: dict[int, subprocess.Popen] = {}
 
     # -- records ---------------------------------------------------------------------------
@@ -158,15 +184,37 @@ class MountManager:
             self._clean_up(record.target, record.pid)
         elif _is_mount_point(target):
             raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, f"{target} is already a mount point, not Pail's")
-        self._write_credentials(spec, target)
+        self._reserve_cache(spec, target)
         try:
-            pid = self._start(spec, target)
-        except BaseException:
-            Path(self.credentials_path(target)).unlink(missing_ok=True)
-            _remove_tree(self.cache_path(target))
-            raise
-        self._save(MountRecord(spec.volume_id, target, pid, spec.fingerprint, time.time()))
+            self._write_credentials(spec, target)
+            try:
+                pid = self._start(spec, target)
+            except BaseException:
+                Path(self.credentials_path(target)).unlink(missing_ok=True)
+                _remove_tree(self.cache_path(target))
+                raise
+            self._save(MountRecord(spec.volume_id, target, pid, spec.fingerprint, time.time(), spec.cache_size))
+        finally:
+            with self._cache_mutex:
+                self._cache_starting.pop(target, None)
         return True
+
+    def _reserve_cache(self, spec: MountSpec, target: str) -> None:
+        """Refuse a cache that would take the caches of this node past --cache-capacity:
+        past the node pod's emptyDir sizeLimit, kubelet evicts the pod and every mount ends."""
+        size = spec.cache_size
+        if not size:
+            return
+        with self._cache_mutex:
+            if self._cache_capacity is not None:
+                taken = (sum(r.cache_size for r in self.records() if r.target != target)
+                         + sum(n for t, n in self._cache_starting.items() if t != target))
+                if taken + size > self._cache_capacity:
+                    raise CsiError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"mount option max-cache-size: this node's caches may take "
+                                   f"{_mib(self._cache_capacity)} (--cache-capacity), {_mib(taken)} are "
+                                   f"taken, this one needs {_mib(size)}")
+            self._cache_starting[target] = size
 
     def unpublish(self, target: str) -> None:
         """Unmount and forget ``target``; nothing there is not an error."""
@@ -319,6 +367,12 @@ def _target_hash(target: str) -> str:
 
 
 _TARGET_HASH = re.compile(r"[0-9a-f]{32}")
+# Disk a cache takes besides its blocks: 256 directories, a lock file.
+CACHE_OVERHEAD = 2 * 1024 * 1024
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):.0f} MiB"
 
 
 def _remove_tree(path: str) -> None:

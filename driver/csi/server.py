@@ -52,18 +52,20 @@ def socket_path(endpoint: str) -> str:
 def serve(endpoint: str, *, node_id: str | None, controller: bool, state_dir: Path, kubelet_dir: str,
           enable_ephemeral: bool, pod_identity: PodIdentitySettings = PodIdentitySettings(),
           kubeconfig: str | None = None, controller_settings=None, workers: int = 16,
-          metrics: tuple[str, int] | None = None, cache_dir: Path | None = None) -> None:
+          metrics: tuple[str, int] | None = None, cache_dir: Path | None = None,
+          cache_capacity: int | None = None) -> None:
     """Serve until SIGTERM or SIGINT. A node server first re-adopts the mounts it made.
     ``controller_settings`` (driver.csi.controller.ControllerSettings): where the controller's
     S3 requests go. ``metrics``: (address, port) of a node's /metrics, or None. ``cache_dir``:
-    where volumes with the ``cache`` mount option keep data (default: <state_dir>/cache)."""
+    where volumes with the ``cache`` mount option keep data (default: <state_dir>/cache);
+    ``cache_capacity``: bytes all their caches together may take (None: no limit)."""
     path = socket_path(endpoint)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[LoggingInterceptor()])
     ready = can_mount if node_id else (lambda: True)
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(ready), server)
     if node_id:
         metrics_dir = node_metrics.directory(state_dir) if metrics else None
-        mounts = MountManager(state_dir, metrics_dir=metrics_dir, cache_dir=cache_dir)
+        mounts = MountManager(state_dir, metrics_dir=metrics_dir, cache_dir=cache_dir, cache_capacity=cache_capacity)
         kept, cleaned = mounts.adopt()
         log.info("mounts adopted", kept=kept, cleaned=cleaned)
         if metrics is not None and metrics_dir is not None:

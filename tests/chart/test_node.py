@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from driver.cli import _controller_settings, build_parser
+from driver.config import parse_quantity
 from driver.csi.identity import DRIVER_NAME
 from driver.csi.server import socket_path
 from driver.csi.volume_credentials import SECRET_ACCESS_KEY, SECRET_KEY_ID, SECRET_SESSION_TOKEN
@@ -115,8 +116,14 @@ def test_cache_dir_is_an_empty_dir_of_the_node_pod(rendered, values, cache):
     pail container (mount processes run there), with the medium and size limit of values."""
     ds = node_ds(rendered(values))
     pail = h.container(ds, "pail")
-    cache_dir = parse_node_args(ds).cache_dir
+    args = parse_node_args(ds)
+    cache_dir = args.cache_dir
     assert cache_dir == "/var/cache/pail"
+    # Publishes whose caches would not fit are refused (by the node server), before kubelet
+    # would evict the pod for its emptyDir.
+    assert args.cache_capacity == cache.get("sizeLimit")
+    if args.cache_capacity:
+        assert parse_quantity(args.cache_capacity, "--cache-capacity") == 20 * 1024 ** 3
     volume_name, inside = h.volume_at(ds, pail, f"{cache_dir}/0123abcd")
     assert (volume_name, inside) == ("cache", "0123abcd")
     assert h.volume(ds, "cache") == {"name": "cache", "emptyDir": cache}

@@ -210,3 +210,46 @@ def test_the_cache_dir_must_be_absolute(s3_server, tmp_path):
     with pytest.raises(RuntimeError) as error:
         server.start()
     assert "--cache-dir" in str(error.value) and "absolute" in str(error.value)
+
+
+def test_caches_past_the_nodes_capacity_are_refused_and_mount_nothing(s3_server, s3, bucket, tmp_path):
+    # 150 MiB: two caches of 64 MiB fit (with their overhead), a third does not.
+    server = NodeServer(root=tmp_path / "node", env=s3_server.env(),
+                        extra_args=["--cache-capacity", "150Mi"]).start()
+    kubelet = Kubelet(server)
+    try:
+        s3.put_object(Bucket=bucket, Key="a.txt", Body=b"a")
+        attributes = {"bucketName": bucket, "endpoint": s3_server.endpoint, "region": "us-east-1"}
+        first, second, third = kubelet.new_pod(), kubelet.new_pod(), kubelet.new_pod()
+        for pod in (first, second):
+            kubelet.publish(pod, "pv-cached", attributes, cap=capability(flags=CACHED))
+        kubelet.publish(first, "pv-cached", attributes, cap=capability(flags=CACHED))  # a republish takes nothing more
+        kubelet.publish(third, "pv-plain", attributes)  # no cache: no capacity needed
+        with pytest.raises(grpc.RpcError) as error:
+            kubelet.publish(third, "pv-cached", attributes, cap=capability(flags=CACHED))
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max-cache-size" in error.value.details() and "--cache-capacity" in error.value.details()
+        assert not mounted(kubelet.target(third, "pv-cached"))
+
+        # After a restart the records still count: the same refusal.
+        old = server.grpc_server_pid()
+        os.kill(old, signal.SIGTERM)
+        wait(lambda: server.grpc_server_pid() not in (None, old) and server.answers_probe(), "a new server answers Probe")
+        kubelet = Kubelet(server)
+        with pytest.raises(grpc.RpcError) as error:
+            kubelet.publish(third, "pv-cached", attributes, cap=capability(flags=CACHED))
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        kubelet.unpublish(first, "pv-cached")  # its share is free again
+        target = kubelet.publish(third, "pv-cached", attributes, cap=capability(flags=CACHED))
+        assert (target / "a.txt").read_bytes() == b"a"
+    finally:
+        Kubelet(server).unpublish_all()
+        server.stop()
+
+
+def test_the_cache_capacity_must_be_a_quantity(s3_server, tmp_path):
+    server = NodeServer(root=tmp_path / "node", env=s3_server.env(), extra_args=["--cache-capacity", "lots"])
+    with pytest.raises(RuntimeError) as error:
+        server.start()
+    assert "--cache-capacity" in str(error.value)

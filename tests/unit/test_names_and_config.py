@@ -13,6 +13,7 @@ from driver.config import (
     normalize_prefix,
     parse_id,
     parse_mode,
+    parse_quantity,
     parse_size,
     parse_ttl,
     validate_bucket,
@@ -75,6 +76,14 @@ def test_modes_ids_and_sizes():
     for bad in ["lots", "9" * 4301, "\u0661\u0662MiB"]:  # also no int() of 4,301 digits, no Arabic digits
         with pytest.raises(ConfigError, match="--max-memory"):
             parse_size(bad, "--max-memory")
+    # Kubernetes quantities, as an emptyDir's sizeLimit: binary and decimal units, fractions.
+    assert parse_quantity("20Gi", "--cache-capacity") == 20 * 2**30
+    assert parse_quantity("500M", "--cache-capacity") == 500 * 10**6
+    assert parse_quantity("1.5Ti", "--cache-capacity") == 3 * 2**39
+    assert parse_quantity("4096", "--cache-capacity") == 4096
+    for bad in ["lots", "20GiB", "-1Gi", "1e9", "١Gi", "1.Gi"]:
+        with pytest.raises(ConfigError, match="--cache-capacity"):
+            parse_quantity(bad, "--cache-capacity")
 
 
 @pytest.mark.parametrize("region", ["us east", "-us-east-1", "123", "eu-west-1\n", "a" * 64, ""])
