@@ -104,8 +104,8 @@ class _RetryDeadline:
     def _needs_retry(self, request_dict: dict, **kwargs: Any) -> bool | None:
         started = request_dict["context"].get("pail_call_started")
         if started is None or kwargs["attempts"] >= self._max_attempts:
-            # botocore stops by itself. (So, should a botocore older than the pinned one
-            # read False as "retry at once", retries stay bounded by max_attempts.)
+            # botocore stops by itself. (botocore before 1.43.3 reads False as "retry at
+            # once"; pyproject.toml requires a newer one.)
             return None
         retry = self._adapter.create_retry_context(request_dict=request_dict, **kwargs)
         if time.monotonic() + self._longest.delay_amount(retry) - started >= self._timeout:
