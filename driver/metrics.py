@@ -23,7 +23,6 @@ from prometheus_client import Counter, Gauge, Histogram
 from driver.log import VOLUME_ID_ENV
 from driver.s3.api import ObjectClientError
 
-MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 VOLUME = os.environ.get(VOLUME_ID_ENV, "")
 
 S3_REQUESTS = Counter("pail_s3_requests", "S3 requests sent (retries by the HTTP client count once)",
@@ -80,6 +79,10 @@ def prefetch_read(result: str) -> None:
 
 def handles(delta: int) -> None:
     OPEN_HANDLES.labels(VOLUME).inc(delta)
+
+
+def cache_bytes(n: int) -> None:
+    CACHE_BYTES.labels(VOLUME).set(n)
 
 
 def cache_block(result: str, count: int = 1) -> None:

@@ -37,7 +37,6 @@ import grpc
 import structlog
 
 from driver import readiness
-from driver.config import ConfigError, FsSettings, parse_size
 from driver.csi.errors import MOUNT_ERROR_CODES, CsiError
 from driver.log import VOLUME_ID_ENV
 from driver.mountpoint import mounts as mount_table
@@ -58,25 +57,9 @@ class MountSpec:
     # A driver.credentials source for --credentials-file, or None for the node's own
     # chain. Not part of the fingerprint: tokens and secrets change with every publish.
     credentials: dict | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def cache_size(self) -> int:
-        """Bytes of node disk its --cache may take (0: no cache); a size the mount process
-        will refuse counts as the default, and the mount fails anyway."""
-        if "--cache" not in self.options:
-            return 0
-        text = None
-        for option, value in zip(self.options, (*self.options[1:], None)):
-            if option == "--max-cache-size":
-                text = value
-            elif option.startswith("--max-cache-size="):
-                text = option.partition("=")[2]
-        try:
-            size = parse_size(text, "--max-cache-size") if text else FsSettings.max_cache_size
-        except ConfigError:
-            size = FsSettings.max_cache_size
-        # Each 1 MiB block file takes one more file-system block for its 16-byte header.
-        return size + size // 128 + CACHE_OVERHEAD
+    # --max-cache-size of a mount with --cache, 0 without (from the options, as the mount
+    # process reads them): counted against --cache-capacity.
+    max_cache_size: int = field(default=0, compare=False)
 
     @property
     def fingerprint(self) -> str:
@@ -92,7 +75,7 @@ class MountRecord:
     pid: int
     fingerprint: str
     started: float
-    cache_size: int = 0  # MountSpec.cache_size, counted against --cache-capacity
+    cache_size: int = 0  # node disk its cache may take (_cache_disk), counted against --cache-capacity
 
 
 class MountManager:
@@ -193,7 +176,8 @@ class MountManager:
                 Path(self.credentials_path(target)).unlink(missing_ok=True)
                 _remove_tree(self.cache_path(target))
                 raise
-            self._save(MountRecord(spec.volume_id, target, pid, spec.fingerprint, time.time(), spec.cache_size))
+            self._save(MountRecord(spec.volume_id, target, pid, spec.fingerprint, time.time(),
+                                   _cache_disk(spec.max_cache_size)))
         finally:
             with self._cache_mutex:
                 self._cache_starting.pop(target, None)
@@ -202,7 +186,7 @@ class MountManager:
     def _reserve_cache(self, spec: MountSpec, target: str) -> None:
         """Refuse a cache that would take the caches of this node past --cache-capacity:
         past the node pod's emptyDir sizeLimit, kubelet evicts the pod and every mount ends."""
-        size = spec.cache_size
+        size = _cache_disk(spec.max_cache_size)
         if not size:
             return
         with self._cache_mutex:
@@ -369,6 +353,14 @@ def _target_hash(target: str) -> str:
 _TARGET_HASH = re.compile(r"[0-9a-f]{32}")
 # Disk a cache takes besides its blocks: 256 directories, a lock file.
 CACHE_OVERHEAD = 2 * 1024 * 1024
+
+
+def _cache_disk(max_cache_size: int) -> int:
+    """Node disk a cache of ``max_cache_size`` may take (0: no cache): each 1 MiB block file
+    takes one more file-system block for its 16-byte header."""
+    if not max_cache_size:
+        return 0
+    return max_cache_size + max_cache_size // 128 + CACHE_OVERHEAD
 
 
 def _mib(size: int) -> str:

@@ -164,14 +164,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             options.append("--read-only")
         # Validate it all now, as the mount process would: a mistake is INVALID_ARGUMENT
         # naming the option, before anything is mounted.
-        parse_mount_options(bucket, target, options)
+        config = parse_mount_options(bucket, target, options)
         sts_region = attributes.get(ctx.STS_REGION)
         if sts_region and not REGION_NAME.fullmatch(sts_region):
             raise invalid(f"volume_context: {ctx.STS_REGION} {sts_region!r} is not a region name")
         own = credential_source(attributes, request.secrets, self._service_accounts, self._pod_identity)
         if own is not None:  # the file is written just before the mount process starts
             options += ["--credentials-file", self._mounts.credentials_path(target)]
-        return MountSpec(request.volume_id, bucket, tuple(options), credentials=own)
+        return MountSpec(request.volume_id, bucket, tuple(options), credentials=own,
+                         max_cache_size=config.fs.max_cache_size if config.fs.cache_dir else 0)
 
     def _check_ephemeral(self, attributes: dict[str, str]) -> None:
         """An inline volume's attributes come from a pod's author: they may not choose the

@@ -139,14 +139,14 @@ class BlockStore:
         with self._mutex:
             self.used += size
             self._blocks[name] = size
-            metrics.CACHE_BYTES.labels(metrics.VOLUME).set(self.used)
+            metrics.cache_bytes(self.used)
 
     def drop(self, name: str) -> None:
         with self._mutex:
             size = self._blocks.pop(name, None)
             if size is not None:
                 self.used -= size
-                metrics.CACHE_BYTES.labels(metrics.VOLUME).set(self.used)
+                metrics.cache_bytes(self.used)
         _unlink(self._path(name))
 
     def close(self) -> None:
