@@ -140,6 +140,15 @@ def test_two_mounts_cannot_share_a_cache(s3, bucket, mount_bucket, tmp_path):
 
 
 @pytest.mark.s3_servers("seaweedfs")
+def test_a_cache_directory_that_cannot_be_made_is_refused(s3, bucket, mount_bucket, tmp_path):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_bytes(b"x")
+    with pytest.raises(MountFailed, match="--cache: .*file"):
+        mount_bucket(bucket, "--cache", str(not_a_directory))
+    assert not_a_directory.read_bytes() == b"x"
+
+
+@pytest.mark.s3_servers("seaweedfs")
 def test_a_cache_inside_the_mount_is_refused(s3_server, bucket, tmp_path):
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()

@@ -175,6 +175,18 @@ def test_a_ranged_answer_without_content_range_is_asked_again(s3, bucket, proxy,
     assert dropped.hits == 2
 
 
+def test_ranged_answers_that_stay_malformed_are_eio_after_the_attempts(s3, bucket, proxy, mount_bucket):
+    data, mount = file_through_proxy(s3, bucket, proxy, mount_bucket, 4 * MiB)
+    with open(mount.path / "f", "rb", buffering=0) as f:
+        with proxy.inject(DropContentRange(), op="GetObject", times=None) as dropped:
+            outcome = bounded(os.pread, f.fileno(), MiB, 0)
+        assert isinstance(outcome.error, OSError) and outcome.error.errno == errno.EIO, outcome
+        assert dropped.hits == 5, "the attempts setting bounds the requests"
+        time.sleep(FAILED_RANGE_HOLD)
+        outcome = bounded(os.pread, f.fileno(), MiB, 0)
+        assert outcome.error is None and outcome.value == data[:MiB], outcome.error
+
+
 @pytest.mark.parametrize("fault", [Status(500), Status(503, "SlowDown")], ids=["500", "503-SlowDown"])
 def test_server_errors_for_a_while_are_retried_on_writes(s3, bucket, proxy, mount_bucket, fault):
     mount = mount_bucket(bucket, "--write-part-size", "5MiB", endpoint=proxy.endpoint)
