@@ -187,24 +187,6 @@ def test_the_default_cache_dir_is_in_the_state_dir(s3, bucket, kubelet, attribut
     assert not cache.exists()
 
 
-@pytest.mark.parametrize("flags,named", [
-    (["cache=/etc"], "cache"),
-    (["--cache", "/etc"], "'/etc'"),  # two entries: the flag, then no option at all
-    (["cache /tmp/x"], "cache"),
-    (["cache", "max-cache-size=bogus"], "--max-cache-size"),
-    (["cache", "max-cache-size=8MiB"], "--max-cache-size"),  # below the smallest cache
-    (["max-cache-size=1GiB"], "max-cache-size"),
-])
-def test_bad_cache_options_are_invalid_argument_and_mount_nothing(kubelet, attributes, flags, named):
-    pod = kubelet.new_pod()
-    with pytest.raises(grpc.RpcError) as error:
-        kubelet.publish(pod, "pv-bad-cache", attributes, cap=capability(flags=flags))
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert named in error.value.details()
-    assert not mounted(kubelet.target(pod, "pv-bad-cache"))
-    assert list((kubelet.server.state_dir / "cache").iterdir()) == []
-
-
 def test_the_cache_dir_must_be_absolute(s3_server, tmp_path):
     server = NodeServer(root=tmp_path / "node", env=s3_server.env(), extra_args=["--cache-dir", "cache"])
     with pytest.raises(RuntimeError) as error:

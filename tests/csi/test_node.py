@@ -106,6 +106,12 @@ def test_mount_options_from_the_pv(s3, bucket, kubelet, attributes):
     (["no-such-option"], "no-such-option"),
     (["uid=alice"], "--uid"),
     (["metadata-ttl=forever"], "--metadata-ttl"),
+    (["cache=/etc"], "cache"),  # the cache's directory is the node server's
+    (["--cache", "/etc"], "'/etc'"),  # two entries: the flag, then no option at all
+    (["cache /tmp/x"], "cache"),
+    (["cache", "max-cache-size=bogus"], "--max-cache-size"),
+    (["cache", "max-cache-size=8MiB"], "--max-cache-size"),  # below the smallest cache
+    (["max-cache-size=1GiB"], "max-cache-size"),
 ])
 def test_bad_mount_options_are_invalid_argument_and_mount_nothing(kubelet, attributes, flags, named):
     pod = kubelet.new_pod()
@@ -114,6 +120,7 @@ def test_bad_mount_options_are_invalid_argument_and_mount_nothing(kubelet, attri
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert named in error.value.details()
     assert not mounted(kubelet.target(pod, "pv-bad"))
+    assert list((kubelet.server.state_dir / "cache").iterdir()) == []
 
 
 def test_missing_bucket_is_not_found_and_leaves_nothing(s3_server, kubelet, attributes):
