@@ -35,7 +35,7 @@ def current_rss(pid: int) -> int:
 
 
 @pytest.mark.s3_servers("seaweedfs")  # moto serves large ranged GETs at ~10 MB/s
-def test_sequential_read_prefetches_growing_requests(s3, bucket, proxy, mount_bucket):
+def test_sequential_read_prefetches_growing_part_aligned_requests(s3, bucket, proxy, mount_bucket):
     digest = upload(s3, bucket, "big", 256 * MiB)
     mount = mount_bucket(bucket, "--max-memory", "64MiB", endpoint=proxy.endpoint)
     os.stat(mount.path / "big")
@@ -50,10 +50,12 @@ def test_sequential_read_prefetches_growing_requests(s3, bucket, proxy, mount_bu
     gets = sorted(proxy.records("GetObject"), key=lambda r: r.range[0])
     sizes = [r.range[1] - r.range[0] + 1 for r in gets]
     # The first request is what the first read needs (the kernel may ask for more than
-    # the minimum); each one after doubles until the cap.
+    # the minimum); the ones after grow until the cap, each ending on a multiple of its
+    # size: from 8 MiB on, every request is one whole 8 MiB part of the object.
     assert sizes[0] >= MIN_REQUEST
     capped = sizes.index(MAX_REQUEST)
-    assert all(b == 2 * a for a, b in zip(sizes[:capped], sizes[1:capped + 1])), sizes[:12]
+    assert all(b in (a, 2 * a) for a, b in zip(sizes[:capped], sizes[1:capped + 1])), sizes[:12]
+    assert all(r.range[0] % (r.range[1] - r.range[0] + 1) == 0 for r in gets), sizes[:12]
     assert all(size == MAX_REQUEST for size in sizes[capped:-1])
     assert sum(sizes) == 256 * MiB, "each byte fetched once"
     assert proxy.max_in_flight("GetObject") <= MAX_AHEAD + 1

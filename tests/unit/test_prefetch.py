@@ -44,15 +44,34 @@ def test_sequential_reads_grow_requests_geometrically_to_the_cap():
     out, client, budget = run_reads(data, reads)
     assert b"".join(out) == data
     # In offset order: trio starts concurrent tasks in no particular order.
-    sizes = [c.length for c in sorted(client.calls, key=lambda c: c.start) if c.operation == "GetObject"]
-    assert sizes[0] == CONFIG.min_request  # the first read asked for less
-    capped = sizes.index(CONFIG.max_request)
-    # Each request doubles the one before until the cap (the last may be cut by the end).
-    assert sizes[:capped + 1] == [CONFIG.min_request * 2**i for i in range(capped + 1)]
-    assert all(s == CONFIG.max_request for s in sizes[capped:-1])
+    gets = sorted((c for c in client.calls if c.operation == "GetObject"), key=lambda c: c.start)
+    sizes = [c.length for c in gets]
+    # The first read asked for less; then each request doubles the one before, up to the
+    # cap, and ends on a multiple of its size: 256 KiB, 256 KiB, 512 KiB, ... 8 MiB at 8 MiB.
+    assert sizes[:7] == [256 * KiB, 256 * KiB, 512 * KiB, 1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB]
+    assert all(s == CONFIG.max_request for s in sizes[6:])
+    assert [c.start + c.length for c in gets[:7]] == [256 * KiB, 512 * KiB, 1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB,
+                                                      16 * MiB]
     assert sum(sizes) == len(data), "every byte fetched exactly once"
     assert client.max_in_flight <= CONFIG.max_ahead + 1
     assert budget.used == 0
+
+
+def test_a_sequential_reader_from_anywhere_soon_fetches_whole_8_mib_parts():
+    """Objects are uploaded in 8 MiB parts by most tools: a range across two costs the
+    server both. A reader starting at an odd offset gets requests that end on part
+    boundaries after its first few, none under half its size, every byte once."""
+    data = os.urandom(48 * MiB)
+    first = 5 * MiB + 100 * KiB + 17
+    reads = [(off, 128 * KiB) for off in range(first, len(data), 128 * KiB)]
+    out, client, _ = run_reads(data, [(first - 4096, 4096)] + reads)  # a read elsewhere, then from `first`
+    assert out[1:] == [data[o:o + n] for o, n in reads]
+    gets = sorted((c for c in client.calls if c.operation == "GetObject" and c.start >= first),
+                  key=lambda c: c.start)
+    assert [c.start for c in gets[1:]] == [c.start + c.length for c in gets[:-1]], "every byte once"
+    parts = [c for c in gets if c.start >= 16 * MiB]
+    assert parts and all(c.start % (8 * MiB) == 0 and c.length == 8 * MiB for c in parts[:-1])
+    assert all(c.length >= CONFIG.min_request // 2 for c in gets[:-1])
 
 
 def test_random_small_reads_fetch_little_more_than_asked():
