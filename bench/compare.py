@@ -55,6 +55,7 @@ from bench.system import (
     BenchError,
     MiB,
     cpu_seconds,
+    loopback_bytes,
     machine_cpu,
     machine_info,
     machine_ticks,
@@ -131,12 +132,18 @@ class Bench:
     def _measured(self, work, pid: int | None, metrics_dir: Path | None = None) -> dict:
         counted0 = peers.pail_counters(metrics_dir)
         cpu0, server0, ticks0 = cpu_seconds(pid) if pid else None, cpu_seconds(self.server.process.pid), machine_ticks()
+        sent0 = loopback_bytes()
         run = work()
+        sent1 = loopback_bytes()
         cpu1, server1, ticks1 = cpu_seconds(pid) if pid else None, cpu_seconds(self.server.process.pid), machine_ticks()
         if pid:
             run["mount_cpu_s"] = round((cpu1 or 0) - (cpu0 or 0), 2)
         run["server_cpu_s"] = round((server1 or 0) - (server0 or 0), 2)
         run["machine"] = machine_cpu(ticks0, ticks1)
+        if sent0 is not None and sent1 is not None:
+            # What a client fetched beyond what it was asked for shows here (s3fs reads
+            # ahead around random reads); SeaweedFS's own hops are on loopback too.
+            run["loopback_mib"] = round((sent1 - sent0) / MiB, 1)
         if (counted := peers.counters_delta(counted0, peers.pail_counters(metrics_dir))) is not None:
             run["pail_counters"] = counted  # what the mount did during the timed part
         return run

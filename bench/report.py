@@ -154,6 +154,8 @@ def markdown(result: dict) -> str:
                                                      if v is not None))
     if iops:
         lines.append("Random reads in IOPS (median): " + "; ".join(iops) + ".")
+    if traffic := _traffic(result, config):
+        lines.append(traffic)
     raws = [f"{_labels(rows([n])[0], config).partition(': ')[0]}: {WORKLOADS[n].raw}" for n in result["workloads"]
             if WORKLOADS[n].raw and "raw" in result["workloads"][n]["clients"]]
     if raws:
@@ -182,6 +184,25 @@ def _cache_counts(result: dict) -> str:
             gets = statistics.median(c["s3_requests"].get("GetObject", 0) for c in counted)
             parts.append(f"{name} {label}: {hit:.0f} hit, {miss:.0f} missed, {gets:.0f} GETs")
     return (" Cache blocks of Pail --cache (its own counters, median): " + "; ".join(parts) + ".") if parts else ""
+
+
+def _traffic(result: dict, config: dict) -> str:
+    """Bytes each client moved on 127.0.0.1 per byte the raw client moved for the same reads
+    (median): above 1, it fetched bytes the program did not ask for (or asked more often).
+    SeaweedFS's hops between its own servers count too, alike for every client."""
+    parts = []
+    for name in ("seq_read", "parallel_read", "rand_read_1t", "rand_read_4t"):
+        clients = result["workloads"].get(name, {}).get("clients", {})
+        raw = _median_of(clients.get("raw", {}).get("runs", []), "loopback_mib")
+        if not raw:
+            continue
+        found = {c: _median_of(v["runs"], "loopback_mib") for c, v in clients.items() if c != "raw"}
+        found = {c: v / raw for c, v in found.items() if v is not None}
+        if found:
+            label = _labels(rows([name])[0], config).partition(": ")[0]
+            parts.append(f"{label}: " + ", ".join(f"{CLIENT_LABELS[c]} {v:.2f}" for c, v in found.items()))
+    return ("Traffic on 127.0.0.1 relative to the raw client doing the same reads (median; above 1: bytes "
+            "fetched that the program did not read): " + "; ".join(parts) + ".") if parts else ""
 
 
 def _short(s3fs: str | None) -> str | None:

@@ -2,8 +2,8 @@
 
 CPU seconds of a process or of its threads (by thread name), the machine's CPU ticks and
 how all cores spent a stretch of time (and how much of it none of ours account for),
-VmHWM/VmRSS and /proc/meminfo readers and resetting VmHWM, finding the process serving a
-Pail mount and whether a directory is mounted, dropping the page cache before a timed run
+the bytes sent on loopback, VmHWM/VmRSS and /proc/meminfo readers and resetting VmHWM,
+finding the process serving a Pail mount and whether a directory is mounted, dropping the page cache before a timed run
 (for reads, also reading the server's files back into it), and a description of the
 machine, the packages and the Pail commit measured. Also the units (MiB, MB) and
 the error (BenchError) every benchmark module uses.
@@ -63,6 +63,16 @@ def thread_cpu(pid: int) -> dict[str, float]:
             fields = stat[stat.rindex(")") + 2:].split()
             out[name] += (int(fields[11]) + int(fields[12])) / CLK_TCK
     return {k: round(v, 2) for k, v in sorted(out.items())}
+
+
+def loopback_bytes() -> int | None:
+    """Bytes sent on the loopback interface since boot (/proc/net/dev): every byte between
+    client and server here, which are both on 127.0.0.1."""
+    for line in (_read("/proc/net/dev") or "").splitlines():
+        name, _, counters = line.partition(":")
+        if name.strip() == "lo":
+            return int(counters.split()[8])  # receive has 8 fields, then transmit bytes
+    return None
 
 
 _STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")

@@ -70,6 +70,7 @@ def test_compare_benchmark_runs_end_to_end(tmp_path):
         assert "error" not in run, run
         assert run["bytes"] == 8 * 1024 * 1024, name  # every byte of the object, through each client
         assert client["summaries"]["mb_s"]["median"] == run["mb_s"] > 0, name
+        assert run["loopback_mib"] >= 8, name  # the object crossed 127.0.0.1 at least once
     pail = clients["pail"]["runs"][0]
     assert pail["peak_rss_mib"] > 0 and pail["mount_s"] > 0 and pail["page_cache_dropped"] is True
     ratio = report["ratios"]["seq_read"]["pail/raw"]
@@ -78,6 +79,9 @@ def test_compare_benchmark_runs_end_to_end(tmp_path):
     table = (tmp_path / "compare.md").read_text()
     assert "| sequential read, 8 MiB object | MB/s | higher |" in table
     assert f"{ratio:.2f} |" in table
+    traffic = clients["pail"]["runs"][0]["loopback_mib"] / clients["raw"]["runs"][0]["loopback_mib"]
+    assert f"Traffic on 127.0.0.1 relative to the raw client doing the same reads (median; above 1: bytes " \
+           f"fetched that the program did not read): sequential read, 8 MiB object: Pail {traffic:.2f}." in table
 
     reread = report["workloads"]["reread"]["clients"]
     assert set(reread) == {"pail", "pail-cache", "raw"}
