@@ -3,10 +3,10 @@
 CPU seconds of a process or of its threads (by thread name), the machine's CPU ticks and
 how all cores spent a stretch of time (and how much of it none of ours account for),
 the bytes sent on loopback, VmHWM/VmRSS and /proc/meminfo readers and resetting VmHWM,
-finding the process serving a Pail mount and whether a directory is mounted, dropping the page cache before a timed run
-(for reads, also reading the server's files back into it), and a description of the
-machine, the packages and the Pail commit measured. Also the units (MiB, MB) and
-the error (BenchError) every benchmark module uses.
+finding the process serving a Pail mount and whether a directory is mounted, dropping
+the page cache before a timed run (for reads, also reading the server's files back into
+it), and a description of the machine, the packages and the Pail commit measured. Also
+the units (MiB, MB) and the error (BenchError) every benchmark module uses.
 """
 
 from __future__ import annotations
