@@ -37,6 +37,7 @@ import grpc
 import structlog
 
 from driver import readiness
+from driver.config import MiB
 from driver.csi.errors import MOUNT_ERROR_CODES, CsiError
 from driver.log import VOLUME_ID_ENV
 from driver.mountpoint import mounts as mount_table
@@ -352,19 +353,20 @@ def _target_hash(target: str) -> str:
 
 _TARGET_HASH = re.compile(r"[0-9a-f]{32}")
 # Disk a cache takes besides its blocks: 256 directories, a lock file.
-CACHE_OVERHEAD = 2 * 1024 * 1024
+CACHE_OVERHEAD = 2 * MiB
 
 
 def _cache_disk(max_cache_size: int) -> int:
     """Node disk a cache of ``max_cache_size`` may take (0: no cache): each 1 MiB block file
-    takes one more file-system block for its 16-byte header."""
+    takes at least one more file-system block for its 16-byte header (1/256 with 4 KiB
+    blocks); 1/128 leaves room for larger blocks and the files' metadata."""
     if not max_cache_size:
         return 0
     return max_cache_size + max_cache_size // 128 + CACHE_OVERHEAD
 
 
 def _mib(size: int) -> str:
-    return f"{size / (1024 * 1024):.0f} MiB"
+    return f"{size / MiB:.0f} MiB"
 
 
 def _remove_tree(path: str) -> None:
