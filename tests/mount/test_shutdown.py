@@ -8,7 +8,8 @@ What the application sees after the mount stopped:
   fsync and its close() fail with ENOTCONN;
 - a read being served when SIGTERM came: answered with the bytes if S3 answers; if S3 does
   not, EIO after --request-timeout, and the kernel's own retry of that page is then ended
-  with ECONNABORTED, which is what read() returns; the next read fails with ENOTCONN;
+  with ECONNABORTED (queued before the mount closed /dev/fuse) or ENOTCONN (sent after),
+  which is what read() returns; the next read fails with ENOTCONN;
 - a write being served (waiting for a free part-upload slot): EIO once the held part
   fails (--request-timeout), then ENOTCONN;
 - more SIGTERMs (or SIGINTs) while it stops are logged and change nothing.
@@ -190,9 +191,10 @@ def test_read_stalled_in_s3_delays_the_exit_by_at_most_the_request_timeout(s3, b
               f"in {seconds:.2f} s")
         assert not reader.is_alive()
         # The mount answered the read EIO after --request-timeout; the kernel asks once more
-        # for a page whose read failed, and that request, never read by the stopping mount,
-        # is ended by the kernel when the mount's /dev/fuse descriptor closes.
-        assert reader.error == errno.ECONNABORTED, (reader.error, reader.result)
+        # for a page whose read failed. That retry races the mount's exit: queued before the
+        # mount's /dev/fuse descriptor closed, the kernel ends it ECONNABORTED; sent after,
+        # ENOTCONN (CI saw both). Either way an error, never data and never a hang.
+        assert reader.error in (errno.ECONNABORTED, errno.ENOTCONN), (reader.error, reader.result)
         assert seconds < 3 + 5, "bounded by --request-timeout"
         _assert_stopped_cleanly(mount, status)
         assert errno_of(lambda: os.pread(fd, 64 * 1024, 0)) == errno.ENOTCONN
