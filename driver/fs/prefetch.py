@@ -2,9 +2,11 @@
 for random ones, and one memory budget for all the open files of a mount.
 
 A reader that keeps reading where it left off gets requests ahead of it: each new request
-twice the size of the one before, from ``min_request`` up to ``max_request`` (one HTTP
-request each), at most ``max_ahead`` of them outstanding, each ending on a multiple of its
-size where it can (the object's parts: ``_aligned_end``). A read elsewhere cancels what
+twice the size of the one before, from ``min_request`` up to ``max_request`` or the
+largest equal piece of the object's part below it (one HTTP request each), at most
+``max_ahead`` of them outstanding, each ending on a multiple of its size within the part
+(``_aligned_end``; the part size comes from the ETag, ``driver.fs.parts``; unknown, the
+grid is multiples of the request size). A read elsewhere cancels what
 was fetched ahead and fetches just what it needs (about ``min_request``). Every request
 carries If-Match with the ETag the file was opened with, so a handle never returns bytes
 of two versions of an object.
@@ -26,6 +28,7 @@ import trio
 
 from driver import metrics
 from driver.fs.errors import FsError, from_store
+from driver.fs.parts import part_size, request_unit
 from driver.s3.api import ObjectClient, ObjectClientError
 
 log = structlog.get_logger("pail.prefetch")
@@ -105,19 +108,29 @@ def cancel(chunk: Chunk, budget: MemoryBudget) -> None:
     chunk.reserved = 0
 
 
-def _aligned_end(start: int, size: int, needed_end: int) -> int:
-    """Where a request of about ``size`` bytes from ``start`` ends: on a multiple of
-    ``size`` when that keeps at least half of it (and the bytes a read needs).
+def _aligned_end(start: int, size: int, part: int | None, needed_end: int | None = None) -> int:
+    """Where a request of about ``size`` bytes from ``start`` ends: on the last multiple of
+    ``size`` (counted from the start of the object's part, when the part size is known) or
+    part end before ``start + size``.
 
-    Multipart objects are stored in parts (8 MiB from most uploaders, Pail's included),
-    and a range across two parts costs the server both: against SeaweedFS, 8 MiB requests
-    ending 256 KiB past each part boundary made it move 19 % more bytes and spend 19 %
-    more CPU per GiB than part-aligned ones. Doubling requests from offset 0
-    become 256 KiB, 256 KiB, 512 KiB, ..., 8 MiB, each ending on a multiple of its size."""
-    end = start + size - (start + size) % size
-    if 2 * (end - start) >= size and end >= needed_end:
+    Multipart objects are stored in parts, and a range across two parts costs the server
+    both: against SeaweedFS, 8 MiB requests ending 256 KiB past each 8 MiB part boundary
+    made it move 19 % more bytes and spend 19 % more CPU per GiB than part-aligned ones.
+    Doubling requests from offset 0 become 256 KiB, 256 KiB, 512 KiB, ..., each ending on
+    a multiple of its size. A prefetch request always ends there, short if it must: from
+    then on the reader's requests are aligned (with a fixed size, ending at ``start +
+    size`` would stay as misaligned as it started). A request for the bytes a read needs
+    now (``needed_end``) ends there only if that keeps at least half of it and those
+    bytes; otherwise it is exactly ``size``, so random reads fetch what they ask for."""
+    nominal = start + size
+    if part is None:
+        end = nominal - nominal % size
+    else:
+        part_start = nominal - nominal % part
+        end = part_start + (nominal - part_start) // size * size
+    if needed_end is None or (2 * (end - start) >= size and end >= needed_end):
         return end
-    return start + size
+    return nominal
 
 
 @dataclass(frozen=True)
@@ -153,6 +166,8 @@ class Prefetcher:
         self._budget = budget
         self._nursery = nursery
         self._chunks: list[Chunk] = [fetched] if fetched is not None else []  # contiguous, in offset order
+        self._part = part_size(etag, size)
+        self._max_request = request_unit(self._part, config.max_request)
         self._next_size = config.min_request
         self._position = 0  # end of the last read: where a sequential reader reads next
         self._stale: FsError | None = None
@@ -285,11 +300,11 @@ class Prefetcher:
     def _grow(self, at_least: int = 0) -> int:
         """The size of the next request; each is twice the one before, up to the cap."""
         size = max(self._next_size, at_least)
-        self._next_size = min(size * 2, self._config.max_request)
+        self._next_size = min(size * 2, self._max_request)
         return size
 
-    def _issue(self, start: int, size: int, *, forced: bool, needed_end: int = 0) -> bool:
-        end = min(_aligned_end(start, size, needed_end), self._size)
+    def _issue(self, start: int, size: int, *, forced: bool, needed_end: int | None = None) -> bool:
+        end = min(_aligned_end(start, size, self._part, needed_end), self._size)
         if end <= start:
             return False
         # While a request is in flight its bytes exist twice: in the HTTP client's receive

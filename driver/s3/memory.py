@@ -52,9 +52,12 @@ class MemoryClient:
 
     # -- what tests do "from outside", like another S3 client would --------------------
 
-    def put(self, key: str, data: bytes, *, mtime: float | None = None) -> ObjectInfo:
+    def put(self, key: str, data: bytes, *, mtime: float | None = None, parts: int = 0) -> ObjectInfo:
+        """Store ``data`` as ``key``; with ``parts``, under the ETag S3 gives an object
+        uploaded in that many parts (``<hex>-<parts>``)."""
         self._version += 1
-        etag = '"%s"' % hashlib.md5(data + str(self._version).encode()).hexdigest()
+        etag = hashlib.md5(data + str(self._version).encode()).hexdigest()
+        etag = f'"{etag}-{parts}"' if parts else f'"{etag}"'
         info = ObjectInfo(key=key, size=len(data), etag=etag, mtime=mtime or time.time())
         if key not in self._data:
             bisect.insort(self._keys, key)
@@ -176,7 +179,7 @@ class MemoryClient:
         if any(len(stored[n]) < self.min_part_size for n in numbers[:-1]):
             raise ObjectClientError("part too small", operation="CompleteMultipartUpload",
                                     status=400, code="EntityTooSmall")
-        return self.put(key, b"".join(stored[n] for n in numbers))
+        return self.put(key, b"".join(stored[n] for n in numbers), parts=len(numbers))
 
     async def abort_multipart_upload(self, key: str, upload_id: str) -> None:
         await self._request(Call("AbortMultipartUpload", key))

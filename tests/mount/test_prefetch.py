@@ -66,6 +66,33 @@ def test_sequential_read_prefetches_growing_part_aligned_requests(s3, bucket, pr
 
 
 @pytest.mark.s3_servers("seaweedfs")
+def test_an_object_uploaded_in_5_mib_parts_is_read_one_part_per_request(s3, bucket, proxy, mount_bucket):
+    """rclone and the Go SDK upload in 5 MiB parts. The ETag says how many (-12), which
+    with the size gives the part size: no GET crosses a part boundary, and from the
+    second part on each GET is one whole part."""
+    part, count = 5 * MiB, 12
+    rng = random.Random(5)
+    parts = [rng.randbytes(part) for _ in range(count - 1)] + [rng.randbytes(3 * MiB)]
+    upload_id = s3.create_multipart_upload(Bucket=bucket, Key="parts")["UploadId"]
+    done = [{"PartNumber": n, "ETag": s3.upload_part(Bucket=bucket, Key="parts", UploadId=upload_id,
+                                                      PartNumber=n, Body=body)["ETag"]}
+            for n, body in enumerate(parts, start=1)]
+    s3.complete_multipart_upload(Bucket=bucket, Key="parts", UploadId=upload_id,
+                                 MultipartUpload={"Parts": done})
+    assert s3.head_object(Bucket=bucket, Key="parts")["ETag"].endswith(f'-{count}"')
+    mount = mount_bucket(bucket, endpoint=proxy.endpoint)
+    os.stat(mount.path / "parts")
+    proxy.clear()
+    assert (mount.path / "parts").read_bytes() == b"".join(parts)
+
+    ranges = sorted(r.range for r in proxy.records("GetObject"))
+    assert all(first // part == last // part for first, last in ranges), ranges
+    assert [first for first, _ in ranges[1:]] == [last + 1 for _, last in ranges[:-1]], "each byte once"
+    later = [(first, last) for first, last in ranges if first >= part]
+    assert later and all(first % part == 0 and last - first + 1 == part for first, last in later[:-1]), later
+
+
+@pytest.mark.s3_servers("seaweedfs")
 def test_random_small_reads_fetch_little_more_than_asked(s3, bucket, proxy, mount_bucket):
     upload(s3, bucket, "big", 64 * MiB)
     mount = mount_bucket(bucket, endpoint=proxy.endpoint)

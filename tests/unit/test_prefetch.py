@@ -16,10 +16,11 @@ KiB, MiB = 1024, 1024 * 1024
 CONFIG = PrefetchConfig(min_request=256 * KiB, max_request=8 * MiB, max_ahead=4)
 
 
-def run_reads(data: bytes, reads, *, config=CONFIG, budget=None, latency=0.001, between=None):
-    """Read ``reads`` [(offset, length)] through one handle; return (bytes read, client, budget)."""
+def run_reads(data: bytes, reads, *, config=CONFIG, budget=None, latency=0.001, between=None, parts=0):
+    """Read ``reads`` [(offset, length)] through one handle; return (bytes read, client, budget).
+    With ``parts``, the object has the ETag of a multipart upload of that many parts."""
     client = MemoryClient(latency=latency)
-    info = client.put("obj", data)
+    info = client.put("obj", data, parts=parts)
     budget = budget or MemoryBudget(512 * MiB)
     out = []
 
@@ -57,21 +58,57 @@ def test_sequential_reads_grow_requests_geometrically_to_the_cap():
     assert budget.used == 0
 
 
-def test_a_sequential_reader_from_anywhere_soon_fetches_whole_8_mib_parts():
+def _gets(client, since: int = 0):
+    return sorted((c for c in client.calls if c.operation == "GetObject" and c.start >= since),
+                  key=lambda c: c.start)
+
+
+# 220 KiB in: before, requests from there stayed 8 MiB long and 219 KiB short of every part
+# boundary to the end of the object (each doubling kept the offset, and ending on a
+# boundary would have kept less than half of the request).
+@pytest.mark.parametrize("first", [5 * MiB + 100 * KiB + 17, 225018], ids=["5MiB+100KiB+17", "220KiB"])
+def test_a_sequential_reader_from_anywhere_soon_fetches_whole_8_mib_parts(first):
     """Objects are uploaded in 8 MiB parts by most tools: a range across two costs the
     server both. A reader starting at an odd offset gets requests that end on part
-    boundaries after its first few, none under half its size, every byte once."""
+    boundaries after its first few, every byte once."""
     data = os.urandom(48 * MiB)
-    first = 5 * MiB + 100 * KiB + 17
     reads = [(off, 128 * KiB) for off in range(first, len(data), 128 * KiB)]
     out, client, _ = run_reads(data, [(first - 4096, 4096)] + reads)  # a read elsewhere, then from `first`
     assert out[1:] == [data[o:o + n] for o, n in reads]
-    gets = sorted((c for c in client.calls if c.operation == "GetObject" and c.start >= first),
-                  key=lambda c: c.start)
+    gets = _gets(client, since=first)
     assert [c.start for c in gets[1:]] == [c.start + c.length for c in gets[:-1]], "every byte once"
     parts = [c for c in gets if c.start >= 16 * MiB]
     assert parts and all(c.start % (8 * MiB) == 0 and c.length == 8 * MiB for c in parts[:-1])
-    assert all(c.length >= CONFIG.min_request // 2 for c in gets[:-1])
+
+
+@pytest.mark.parametrize("part_mib, unit_mib", [(5, 5), (10, 5), (6, 6), (8, 8)])
+def test_a_sequential_reader_follows_the_parts_its_etag_tells(part_mib, unit_mib):
+    """An object uploaded in 5 MiB parts (rclone, the Go SDK) or 10 MiB parts (s3fs): its
+    ETag ends in -<parts>, which with its size gives the part size. No request crosses a
+    part boundary, and past the first part each is an equal piece of one."""
+    part, unit = part_mib * MiB, unit_mib * MiB
+    data = os.urandom(11 * part + 3 * MiB)  # 12 parts: few parts fit several part sizes
+    reads = [(off, 128 * KiB) for off in range(0, len(data), 128 * KiB)]
+    out, client, _ = run_reads(data, reads, parts=12)
+    assert b"".join(out) == data
+    gets = _gets(client)
+    assert [c.start for c in gets[1:]] == [c.start + c.length for c in gets[:-1]], "every byte once"
+    assert all(c.start // part == (c.start + c.length - 1) // part for c in gets), \
+        [(c.start / MiB, c.length / MiB) for c in gets]
+    later = [c for c in gets if c.start >= part]
+    assert all(c.start % unit == 0 and c.length == unit for c in later[:-1]), \
+        [(c.start / MiB, c.length / MiB) for c in later]
+
+
+def test_a_reader_from_an_odd_offset_lines_up_with_10_mib_parts():
+    part = 10 * MiB
+    data = os.urandom(12 * part)
+    first = 13 * MiB + 300 * KiB + 5
+    reads = [(off, 128 * KiB) for off in range(first, len(data), 128 * KiB)]
+    out, client, _ = run_reads(data, [(first - 4096, 4096)] + reads, parts=12)
+    assert out[1:] == [data[o:o + n] for o, n in reads]
+    later = [c for c in _gets(client, since=first) if c.start >= 30 * MiB]
+    assert later and all(c.start % (5 * MiB) == 0 and c.length == 5 * MiB for c in later[:-1])
 
 
 def test_random_small_reads_fetch_little_more_than_asked():
