@@ -1,6 +1,7 @@
 """Sequential read of one large object: through a Pail mount versus raw S3 clients.
 
     .venv/bin/python -m bench.seq_read [--size-mib 1024] [--runs 3] [--out bench/results]
+                                       [--latency-ms 30 --connection-mbs 100]
 
 Starts a local SeaweedFS (everything on 127.0.0.1), uploads one object of random bytes,
 then measures, ``--runs`` times each, interleaved round by round:
@@ -16,6 +17,11 @@ Before every timed run the page cache is dropped and the server's own files are 
 back into it, so every run finds the same state: nothing of the client side cached, the
 server's data in memory. A last, untimed pass reads the file through each kind of mount
 once more via a recording proxy, to check every byte and count the requests.
+
+With ``--latency-ms`` (and ``--connection-mbs``) every client reads through a relay that
+makes the server look distant (bench.distant): each response starts that long after its
+request and each connection carries at most that many MB/s, as from S3 over a network.
+The relay runs in this process: the raw clients' CPU includes its threads'.
 
 Writes OUT/seq_read.json and OUT/seq_read.md and prints the table. Timing never fails
 the run; errors (a failed mount, a short read, wrong bytes) do.
@@ -35,8 +41,9 @@ import tempfile
 from pathlib import Path
 
 from bench.clients import BOTO3_THREADS, PART_SIZE, raw_awscrt, raw_boto3, upload
+from bench.distant import DistantRelay
 from bench.mounts import READ_SIZE, Mounts, mount_run, trace_pass
-from bench.system import MiB, attribute_cpu, machine_info, prepare_run
+from bench.system import MB, MiB, attribute_cpu, machine_info, prepare_run
 
 BLOCK_SIZE = 64 * MiB  # the object is this random block repeated
 
@@ -75,6 +82,10 @@ def markdown(result: dict) -> str:
          "client CPU s/GiB |"),
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    distant = result["config"].get("distant")
+    if distant:
+        lines[0] += (f"; through a relay: {distant['latency_ms']:g} ms to each response, "
+                     f"{distant['connection_mbs'] or 'unlimited'} MB/s per connection")
     gib = result["config"]["size_bytes"] / (1024 * MiB)
     for name, label in VARIANTS.items():
         v = variants[name]
@@ -102,9 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-trace", action="store_true",
                         help="skip the untimed pass through the recording proxy")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the server's data and mount logs")
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="read through a relay that starts each response this late (default 0: no relay)")
+    parser.add_argument("--connection-mbs", type=float, default=0.0,
+                        help="with the relay: MB/s of each connection (default 0: unlimited)")
     args = parser.parse_args(argv)
     if args.size_mib <= 0 or args.runs <= 0:
         parser.error("--size-mib and --runs must be positive")
+    if args.latency_ms < 0 or args.connection_mbs < 0:
+        parser.error("--latency-ms and --connection-mbs must not be negative")
+    distant = args.latency_ms > 0 or args.connection_mbs > 0
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support
     from tests.support.s3server import start_seaweedfs
@@ -114,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="pail-bench-"))
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
-    server = None
+    server = relay = None
     mounts = Mounts(workdir)
     try:
         started = datetime.datetime.now(datetime.UTC)
@@ -128,17 +146,24 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"uploading {args.size_mib} MiB")
         uploaded = upload(server, bucket, block, size)
         _say(f"uploaded at {uploaded['mb_s']:.0f} MB/s")
+        target = server
+        if distant:
+            relay = DistantRelay(server.endpoint, latency=args.latency_ms / 1000,
+                                 rate=args.connection_mbs * MB or None)
+            target = _Via(server, relay.endpoint)
+            _say(f"reading through a relay: {args.latency_ms:g} ms to each response, "
+                 f"{args.connection_mbs:g} MB/s per connection (0: unlimited)")
 
         runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
         for round_no in range(1, args.runs + 1):
             for name in VARIANTS:  # interleaved, so drift in machine load hits every variant
                 if name.startswith("raw_"):
                     prepared = prepare_run(server)
-                    run = (raw_awscrt if name == "raw_awscrt" else raw_boto3)(server, bucket, size)
+                    run = (raw_awscrt if name == "raw_awscrt" else raw_boto3)(target, bucket, size)
                     run.update(prepared)
                 else:
                     data_path = "crt" if name == "mount_awscrt" else "boto3"
-                    run = mount_run(mounts, server, bucket, size, data_path)
+                    run = mount_run(mounts, target, bucket, size, data_path)
                     if run["data_path_seen"] != data_path:
                         _say(f"warning: asked for data path {data_path}, but the mount's threads look "
                              f"like {run['data_path_seen']}")
@@ -149,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"({run['seconds']:.2f} s, load {run['load_avg_1m']})")
 
         trace = None
-        if not args.no_trace:
+        if not args.no_trace and not distant:
             _say("untimed pass through the recording proxy (checks every byte, counts requests)")
             trace = trace_pass(mounts, server, bucket, block_file)
 
@@ -169,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                         "load_avg_after": [round(x, 2) for x in os.getloadavg()]},
             "config": {"size_mib": args.size_mib, "size_bytes": size, "runs": args.runs,
                        "part_size": PART_SIZE, "boto3_threads": BOTO3_THREADS, "read_size": READ_SIZE,
-                       "random_block": len(block), "mb": "10^6 bytes"},
+                       "random_block": len(block), "mb": "10^6 bytes",
+                       "distant": {"latency_ms": args.latency_ms, "connection_mbs": args.connection_mbs}
+                       if distant else None},
             "upload": uploaded,
             "variants": variants,
             "ratios": ratios,
@@ -190,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         mounts.cleanup()
+        if relay is not None:
+            relay.stop()
         if server is not None:
             server.stop()
         signal.signal(signal.SIGTERM, previous_term)
@@ -197,6 +226,20 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+class _Via:
+    """The server as the clients see it: at the relay's endpoint."""
+
+    def __init__(self, server, endpoint: str) -> None:
+        self._server = server
+        self.endpoint = endpoint
+
+    def __getattr__(self, name: str):
+        return getattr(self._server, name)
+
+    def client(self, **config):
+        return self._server.client(endpoint_url=self.endpoint, **config)
 
 
 def _raise_interrupt(signum, frame):

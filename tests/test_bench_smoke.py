@@ -30,6 +30,23 @@ def test_seq_read_benchmark_runs_end_to_end(tmp_path):
     assert (tmp_path / "seq_read.md").read_text().count("| Pail mount") == 2
 
 
+def test_seq_read_through_the_distant_relay_reads_every_byte(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.seq_read", "--size-mib", "16", "--runs", "1", "--out", str(tmp_path),
+         "--latency-ms", "100", "--connection-mbs", "200"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "seq_read.json").read_text())
+    assert report["config"]["distant"] == {"latency_ms": 100.0, "connection_mbs": 200.0}
+    for name in VARIANTS:
+        run = report["variants"][name]["runs"][0]
+        assert run["bytes"] == 16 * 1024 * 1024, name
+        # Not a speed check: the relay holds every response 100 ms, so no read is quicker.
+        assert run["seconds"] >= 0.1, name
+    assert report["trace"] is None  # the recording proxy is not put behind the relay
+    assert "through a relay: 100 ms" in (tmp_path / "seq_read.md").read_text()
+
+
 def test_seq_write_benchmark_runs_end_to_end(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "bench.seq_write", "--size-mib", "16", "--runs", "1", "--out", str(tmp_path)],

@@ -4,10 +4,11 @@ for random ones, and one memory budget for all the open files of a mount.
 A reader that keeps reading where it left off gets requests ahead of it: each new request
 twice the size of the one before, from ``min_request`` up to ``max_request`` or the
 largest equal piece of the object's part below it (one HTTP request each), at most
-``max_ahead`` of them outstanding, each ending on a multiple of its size within the part
+``max_ahead`` of them outstanding (up to ``max_depth`` for a reader that keeps waiting on
+them: ``_deepen``), each ending on a multiple of its size within the part
 (``_aligned_end``; the part size comes from the ETag, ``driver.fs.parts``; unknown, the
-grid is multiples of the request size). A read elsewhere cancels what
-was fetched ahead and fetches just what it needs (about ``min_request``). Every request
+grid is multiples of the request size). A read elsewhere cancels what was fetched ahead
+and fetches just what it needs (about ``min_request``). Every request
 carries If-Match with the ETag the file was opened with, so a handle never returns bytes
 of two versions of an object.
 
@@ -138,6 +139,7 @@ class PrefetchConfig:
     min_request: int
     max_request: int
     max_ahead: int
+    max_depth: int = 16  # requests ahead a reader that keeps waiting may grow to
     # A read this far before the reader's position still counts as sequential: the kernel
     # sends concurrent readahead requests that may arrive slightly out of order.
     behind_slack: int = 1024 * 1024
@@ -169,6 +171,7 @@ class Prefetcher:
         self._part = part_size(etag, size)
         self._max_request = request_unit(self._part, config.max_request)
         self._next_size = config.min_request
+        self._depth = config.max_ahead  # requests kept ahead; grows while the reader waits (_deepen)
         self._position = 0  # end of the last read: where a sequential reader reads next
         self._stale: FsError | None = None
         self._failed: tuple[int, int, FsError, float] | None = None  # start, end, error, until
@@ -192,8 +195,11 @@ class Prefetcher:
         fetched_before = len(self._chunks)
         self._cover(offset, end)
         needed = [c for c in self._chunks if c.start < end and c.end > offset]
-        metrics.prefetch_read("miss" if len(self._chunks) > fetched_before
-                              else "hit" if all(c.done.is_set() for c in needed) else "wait")
+        outcome = ("miss" if len(self._chunks) > fetched_before
+                   else "hit" if all(c.done.is_set() for c in needed) else "wait")
+        metrics.prefetch_read(outcome)
+        if outcome == "wait" and sequential:
+            self._deepen()
         self._position = max(self._position, end) if sequential else end
         if sequential:
             self._prefetch_ahead()
@@ -263,6 +269,16 @@ class Prefetcher:
             self._cancel(chunk)
         self._chunks.clear()
         self._next_size = self._config.min_request
+        self._depth = self._config.max_ahead
+
+    def _deepen(self) -> None:
+        """The reader caught up with requests of full size still in flight: against a
+        distant store (a first byte after tens of milliseconds, each connection at
+        ~100 MB/s) ``max_ahead`` requests are too few to keep it busy. Twice as many, up
+        to ``max_depth``; those past ``max_ahead`` only from the first half of the mount's
+        budget (``_prefetch_ahead``), so other readers keep theirs."""
+        if self._next_size == self._max_request:
+            self._depth = min(2 * self._depth, self._config.max_depth)
 
     def _drop_behind(self, offset: int) -> None:
         keep_from = offset - self._config.behind_slack
@@ -290,9 +306,10 @@ class Prefetcher:
     def _prefetch_ahead(self) -> None:
         last = self._chunks[-1]
         ahead = sum(1 for c in self._chunks if c.end > self._position)
-        while ahead < self._config.max_ahead and last.end < self._size:
+        while ahead < self._depth and last.end < self._size:
             size = self._grow()
-            if not self._issue(last.end, size, forced=False):
+            extra = ahead >= self._config.max_ahead
+            if not self._issue(last.end, size, forced=False, within=self._budget.limit // 2 if extra else None):
                 break  # the mount's budget is spent: read on without prefetching
             last = self._chunks[-1]
             ahead += 1
@@ -303,7 +320,10 @@ class Prefetcher:
         self._next_size = min(size * 2, self._max_request)
         return size
 
-    def _issue(self, start: int, size: int, *, forced: bool, needed_end: int | None = None) -> bool:
+    def _issue(self, start: int, size: int, *, forced: bool, needed_end: int | None = None,
+               within: int | None = None) -> bool:
+        """Fetch about ``size`` bytes from ``start``: always if ``forced``, else if the
+        budget has room (and would stay within ``within`` bytes used, when given)."""
         end = min(_aligned_end(start, size, self._part, needed_end), self._size)
         if end <= start:
             return False
@@ -312,6 +332,8 @@ class Prefetcher:
         charge = IN_FLIGHT_COPIES * (end - start)
         if forced:
             self._budget.reserve_anyway(charge)
+        elif within is not None and self._budget.used + charge > within:
+            return False
         elif not self._budget.try_reserve(charge):
             return False
         chunk = Chunk(start, end, reserved=charge)

@@ -35,7 +35,8 @@ class Call:
 class MemoryClient:
     """Objects in a dict; keys kept sorted for listing."""
 
-    def __init__(self, *, latency: float = 0.0, min_part_size: int = MIN_PART_SIZE) -> None:
+    def __init__(self, *, latency: float = 0.0, rate: float | None = None,
+                 min_part_size: int = MIN_PART_SIZE) -> None:
         self._data: dict[str, bytes] = {}
         self.min_part_size = min_part_size
         self.uploads: dict[str, tuple[str, dict[int, bytes]]] = {}  # upload id -> key, parts
@@ -46,6 +47,8 @@ class MemoryClient:
         self._keys: list[str] = []
         self._version = 0
         self.latency = latency  # seconds each request takes, to let prefetches overlap
+        # Bytes per second of each GET's body, as one connection to a distant S3 delivers it.
+        self.rate = rate
         self.calls: list[Call] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -81,7 +84,8 @@ class MemoryClient:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            await trio.sleep(self.latency)
+            transfer = call.length / self.rate if self.rate and call.operation == "GetObject" else 0.0
+            await trio.sleep(self.latency + transfer)
         finally:
             self.in_flight -= 1
         if self.failures.get(call.operation, 0) > 0:

@@ -10,12 +10,13 @@ import subprocess
 import pytest
 
 from tests.support.processes import proc_status_bytes
-from tests.support.proxy import Status
+from tests.support.proxy import Stall, Status
 
 KiB, MiB = 1024, 1024 * 1024
 MIN_REQUEST = 256 * KiB  # FsSettings defaults
 MAX_REQUEST = 8 * MiB
 MAX_AHEAD = 4
+MAX_DEPTH = 16  # requests ahead for a reader that keeps waiting on them
 SLACK = 32 * MiB
 
 
@@ -63,6 +64,25 @@ def test_sequential_read_prefetches_growing_part_aligned_requests(s3, bucket, pr
     # force, counted twice while in flight), on top of what the process used before;
     # SLACK is for the allocator and the HTTP client's buffer pool.
     assert peak_rss(mount.process.pid) - rss_before <= 64 * MiB + 2 * MAX_REQUEST + SLACK
+
+
+@pytest.mark.s3_servers("seaweedfs")
+def test_a_distant_store_gets_more_requests_in_flight(s3, bucket, proxy, mount_bucket):
+    """Every GET answered 50 ms late, as by a remote S3: a sequential reader keeps catching
+    up with four requests in flight, so it gets more of them (within half the budget)."""
+    digest = upload(s3, bucket, "big", 256 * MiB)
+    mount = mount_bucket(bucket, endpoint=proxy.endpoint)
+    os.stat(mount.path / "big")
+    proxy.clear()
+    sha = hashlib.sha256()
+    with proxy.inject(Stall(0.05), op="GetObject", times=None):
+        with open(mount.path / "big", "rb") as f:
+            while chunk := f.read(MiB):
+                sha.update(chunk)
+    assert sha.hexdigest() == digest
+    assert MAX_AHEAD + 1 < proxy.max_in_flight("GetObject") <= MAX_DEPTH + 1
+    sizes = [r.range[1] - r.range[0] + 1 for r in proxy.records("GetObject")]
+    assert sum(sizes) == 256 * MiB, "each byte fetched once"
 
 
 @pytest.mark.s3_servers("seaweedfs")

@@ -54,8 +54,46 @@ def test_sequential_reads_grow_requests_geometrically_to_the_cap():
     assert [c.start + c.length for c in gets[:7]] == [256 * KiB, 512 * KiB, 1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB,
                                                       16 * MiB]
     assert sum(sizes) == len(data), "every byte fetched exactly once"
-    assert client.max_in_flight <= CONFIG.max_ahead + 1
     assert budget.used == 0
+
+
+def read_sequentially(data: bytes, *, latency: float, rate: float | None = None, pause: float = 0.0,
+                      budget: MemoryBudget):
+    """Read all of ``data`` in 1 MiB reads, ``pause`` seconds apart; return the client."""
+    client = MemoryClient(latency=latency, rate=rate)
+    info = client.put("obj", data)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            reader = Prefetcher(client, "obj", info.etag, info.size, config=CONFIG, budget=budget,
+                                nursery=nursery)
+            for offset in range(0, len(data), MiB):
+                assert await reader.read(offset, MiB) == data[offset:offset + MiB]
+                await trio.sleep(pause)
+            reader.close()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert budget.used == 0
+    return client
+
+
+def test_a_reader_waiting_on_a_distant_store_gets_more_requests_in_flight():
+    """A first byte after 20 ms, then 200 MB/s per request, as from a remote S3: four 8 MiB
+    requests ahead leave the reader waiting, so it gets up to sixteen."""
+    client = read_sequentially(os.urandom(160 * MiB), latency=0.02, rate=200e6, budget=MemoryBudget(512 * MiB))
+    assert CONFIG.max_ahead + 1 < client.max_in_flight <= CONFIG.max_depth + 1
+
+
+def test_a_reader_slower_than_the_store_keeps_max_ahead():
+    client = read_sequentially(os.urandom(48 * MiB), latency=0.001, pause=0.005, budget=MemoryBudget(512 * MiB))
+    assert client.max_in_flight <= CONFIG.max_ahead + 1
+
+
+def test_more_requests_in_flight_only_while_half_the_budget_is_free():
+    # Four 8 MiB requests in flight already hold 64 MiB (twice their size): half of 128 MiB.
+    client = read_sequentially(os.urandom(96 * MiB), latency=0.02, rate=200e6, budget=MemoryBudget(128 * MiB))
+    assert client.max_in_flight <= CONFIG.max_ahead + 1
 
 
 def _gets(client, since: int = 0):
