@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.compare [--runs 3] [--only WORKLOAD,...] [--clients pail,pail-cache,s3fs,...]
                                       [--scale full|small] [--size-mib N] [--out bench/results]
+                                      [--latency-ms 30 --connection-mbs 100]
 
 (``./bench/run compare`` installs s3fs, rclone and matplotlib first, then runs this.)
 
@@ -31,6 +32,10 @@ Writes OUT/compare.json (every run, machine, versions, configurations), OUT/comp
 (the tables, also printed) and OUT/compare.png (needs matplotlib). A failed run is
 recorded with its error and the benchmark goes on; the exit status is then 1.
 
+With ``--latency-ms`` (and ``--connection-mbs``) every client, the node server's mounts
+included, reaches the server through a relay that makes it look distant (bench.distant);
+the test data is uploaded directly, before it starts.
+
 Clients: pail (default options), pail-cache (``--cache DIR --max-cache-size 2GiB``, DIR a
 fresh directory on local disk; only in reread and the random reads, where data is read
 again), s3fs, rclone, rclone-modtime (ls -l only) and raw (bench/peers.py, bench/raw.py).
@@ -51,6 +56,7 @@ import time
 from pathlib import Path
 
 from bench import dataset, peers, raw, report, workloads
+from bench import distant as distant_relay
 from bench.system import (
     BenchError,
     MiB,
@@ -251,7 +257,9 @@ def parse(argv: list[str] | None):
     parser.add_argument("--rand-reads", type=int, help="random reads per thread")
     parser.add_argument("--out", default="bench/results", help="directory for the results")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the server's data and the mount logs")
+    distant_relay.add_arguments(parser)
     args = parser.parse_args(argv)
+    args.distant = distant_relay.settings(parser, args)
     size, lists, smalls, reads = SCALES[args.scale]
     args.size_mib = args.size_mib or size
     args.list_objects = args.list_objects or lists
@@ -287,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pail-compare-"))
     shm = Path(tempfile.mkdtemp(prefix="pail-compare-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
-    server = bench = None
+    server = bench = relay = None
     failed = False
     try:
         started, t_start = datetime.datetime.now(datetime.UTC), time.perf_counter()
@@ -297,7 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         bucket = server.create_bucket("pail-bench")
         data = dataset.make(server, bucket, workdir, args.size_mib * MiB, args.list_objects, args.small_files,
                             set(args.workloads), _say)
-        bench = Bench(args, server, bucket, workdir, data)
+        target = server
+        if args.distant:
+            relay, target = distant_relay.start(server, args.distant)
+            _say(f"every client {distant_relay.describe(args.distant)}")
+        bench = Bench(args, target, bucket, workdir, data)
         if "seq_write" in args.workloads:
             bench.write_source = workloads.write_source(data, shm)
         results: dict[str, dict] = {}
@@ -337,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                        "list_objects": args.list_objects, "small_files": args.small_files,
                        "rand_reads_per_thread": args.rand_reads, "workloads": args.workloads,
                        "clients": args.client_list, "dataset": data.describe(),
-                       "client_configs": bench.mounts.configs(),
+                       "client_configs": bench.mounts.configs(), "distant": args.distant,
                        "workload_definitions": {n: WORKLOADS[n].__dict__ for n in results},
                        "mb": "10^6 bytes"},
             "workloads": results,
@@ -358,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if bench is not None:
             bench.cleanup()
+        if relay is not None:
+            relay.stop()
         if server is not None:
             server.stop()
         signal.signal(signal.SIGTERM, previous_term)

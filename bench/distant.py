@@ -91,6 +91,47 @@ class DistantRelay:
             _close(client)
 
 
+class Via:
+    """The server as the clients see it: everything of ``server``, at the relay's endpoint."""
+
+    def __init__(self, server, endpoint: str) -> None:
+        self._server = server
+        self.endpoint = endpoint
+
+    def __getattr__(self, name: str):
+        return getattr(self._server, name)
+
+    def client(self, **config):
+        return self._server.client(endpoint_url=self.endpoint, **config)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="read through a relay that starts each response this late (default 0: no relay)")
+    parser.add_argument("--connection-mbs", type=float, default=0.0,
+                        help="with the relay: MB/s of each connection (default 0: unlimited)")
+
+
+def settings(parser, args) -> dict | None:
+    """The relay's settings from the parsed options, or None without a relay."""
+    if args.latency_ms < 0 or args.connection_mbs < 0:
+        parser.error("--latency-ms and --connection-mbs must not be negative")
+    if args.latency_ms == 0 and args.connection_mbs == 0:
+        return None
+    return {"latency_ms": args.latency_ms, "connection_mbs": args.connection_mbs}
+
+
+def start(server, distant: dict) -> tuple[DistantRelay, Via]:
+    relay = DistantRelay(server.endpoint, latency=distant["latency_ms"] / 1000,
+                         rate=distant["connection_mbs"] * 1_000_000 or None)
+    return relay, Via(server, relay.endpoint)
+
+
+def describe(distant: dict) -> str:
+    return (f"through a relay: {distant['latency_ms']:g} ms to each response, "
+            f"{distant['connection_mbs'] or 'unlimited'} MB/s per connection")
+
+
 def _sleep_until(moment: float) -> None:
     delay = moment - time.monotonic()
     if delay > 0:

@@ -16,6 +16,7 @@ import statistics
 import textwrap
 from dataclasses import dataclass
 
+from bench.distant import describe as describe_distant
 from bench.workloads import WORKLOADS
 
 CLIENT_LABELS = {"pail": "Pail", "pail-cache": "Pail --cache", "s3fs": "s3fs", "rclone": "rclone",
@@ -108,6 +109,8 @@ def markdown(result: dict) -> str:
          f"{result['versions'].get('rclone') or 'rclone not run'}. "
          f"Load average {machine['load_avg_before'][0]:.2f} before, {machine['load_avg_after'][0]:.2f} after; "
          f"MB/s = 10^6 bytes/s."),
+        *(["", f"Every client reads and writes {describe_distant(config['distant'])}."]
+          if config.get("distant") else []),
         "",
         "| workload | unit | better | " + " | ".join(CLIENT_LABELS[c] for c in present)
         + " | Pail/s3fs | Pail/rclone | Pail/raw |" + (" Pail --cache/Pail | Pail --cache/raw |" if has_cache else ""),

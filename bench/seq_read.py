@@ -41,9 +41,9 @@ import tempfile
 from pathlib import Path
 
 from bench.clients import BOTO3_THREADS, PART_SIZE, raw_awscrt, raw_boto3, upload
-from bench.distant import DistantRelay
+from bench import distant as distant_relay
 from bench.mounts import READ_SIZE, Mounts, mount_run, trace_pass
-from bench.system import MB, MiB, attribute_cpu, machine_info, prepare_run
+from bench.system import MiB, attribute_cpu, machine_info, prepare_run
 
 BLOCK_SIZE = 64 * MiB  # the object is this random block repeated
 
@@ -84,8 +84,7 @@ def markdown(result: dict) -> str:
     ]
     distant = result["config"].get("distant")
     if distant:
-        lines[0] += (f"; through a relay: {distant['latency_ms']:g} ms to each response, "
-                     f"{distant['connection_mbs'] or 'unlimited'} MB/s per connection")
+        lines[0] += "; " + distant_relay.describe(distant)
     gib = result["config"]["size_bytes"] / (1024 * MiB)
     for name, label in VARIANTS.items():
         v = variants[name]
@@ -113,16 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-trace", action="store_true",
                         help="skip the untimed pass through the recording proxy")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the server's data and mount logs")
-    parser.add_argument("--latency-ms", type=float, default=0.0,
-                        help="read through a relay that starts each response this late (default 0: no relay)")
-    parser.add_argument("--connection-mbs", type=float, default=0.0,
-                        help="with the relay: MB/s of each connection (default 0: unlimited)")
+    distant_relay.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.size_mib <= 0 or args.runs <= 0:
         parser.error("--size-mib and --runs must be positive")
-    if args.latency_ms < 0 or args.connection_mbs < 0:
-        parser.error("--latency-ms and --connection-mbs must not be negative")
-    distant = args.latency_ms > 0 or args.connection_mbs > 0
+    distant = distant_relay.settings(parser, args)
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support
     from tests.support.s3server import start_seaweedfs
@@ -148,11 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"uploaded at {uploaded['mb_s']:.0f} MB/s")
         target = server
         if distant:
-            relay = DistantRelay(server.endpoint, latency=args.latency_ms / 1000,
-                                 rate=args.connection_mbs * MB or None)
-            target = _Via(server, relay.endpoint)
-            _say(f"reading through a relay: {args.latency_ms:g} ms to each response, "
-                 f"{args.connection_mbs:g} MB/s per connection (0: unlimited)")
+            relay, target = distant_relay.start(server, distant)
+            _say(f"reading {distant_relay.describe(distant)}")
 
         runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
         for round_no in range(1, args.runs + 1):
@@ -195,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             "config": {"size_mib": args.size_mib, "size_bytes": size, "runs": args.runs,
                        "part_size": PART_SIZE, "boto3_threads": BOTO3_THREADS, "read_size": READ_SIZE,
                        "random_block": len(block), "mb": "10^6 bytes",
-                       "distant": {"latency_ms": args.latency_ms, "connection_mbs": args.connection_mbs}
-                       if distant else None},
+                       "distant": distant},
             "upload": uploaded,
             "variants": variants,
             "ratios": ratios,
@@ -226,20 +216,6 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-
-
-class _Via:
-    """The server as the clients see it: at the relay's endpoint."""
-
-    def __init__(self, server, endpoint: str) -> None:
-        self._server = server
-        self.endpoint = endpoint
-
-    def __getattr__(self, name: str):
-        return getattr(self._server, name)
-
-    def client(self, **config):
-        return self._server.client(endpoint_url=self.endpoint, **config)
 
 
 def _raise_interrupt(signum, frame):

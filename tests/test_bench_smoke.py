@@ -117,3 +117,20 @@ def test_compare_benchmark_runs_end_to_end(tmp_path):
     assert cached["cache_disk_mib"] >= 8 and cached["cache_left_after_unmount_bytes"] == 0
     assert "reread:pass2_mb_s" in report["ratios"] and "pail-cache/pail" in report["ratios"]["reread:pass2_mb_s"]
     assert "| reread 8 MiB object: epoch 2 (page cache dropped) | MB/s | higher |" in table
+
+
+def test_compare_through_the_distant_relay_reads_every_byte(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.compare", "--scale", "small", "--size-mib", "8", "--runs", "1",
+         "--only", "seq_read", "--clients", "pail,raw", "--latency-ms", "100", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "compare.json").read_text())
+    assert report["config"]["distant"] == {"latency_ms": 100.0, "connection_mbs": 0.0}
+    for name, client in report["workloads"]["seq_read"]["clients"].items():
+        [run] = client["runs"]
+        assert "error" not in run, run
+        assert run["bytes"] == 8 * 1024 * 1024, name
+        assert run["seconds"] >= 0.1, name  # not a speed check: the relay holds every response 100 ms
+    assert "Every client reads and writes through a relay: 100 ms to each response, unlimited MB/s" \
+        in (tmp_path / "compare.md").read_text()
