@@ -1,12 +1,13 @@
-"""What an object's ETag tells about the parts it was uploaded in, so reads can follow them.
+"""What an object's ETag tells about the parts it was uploaded in, so reads follow them.
 
 AWS's S3 performance guidance is to read an object uploaded in parts in ranges of its
 part size, or at least aligned to part boundaries ("Use byte-range fetches"). Against
 SeaweedFS, 8 MiB ranges of an object uploaded in 5 MiB parts moved 11 % more bytes and
-cost 10–18 % more server CPU than of one uploaded in 8 MiB parts. The ETag of a multipart object ends in ``-N``, its
-number of parts; with the object's size that pins the part size to a narrow range, and
-uploaders use whole MiB (5 MiB for rclone and the Go SDK, 8 MiB for the AWS CLI, boto3,
-Mountpoint and Pail, 10 MiB for s3fs). No request is made to find it.
+cost 10–18 % more server CPU than of one uploaded in 8 MiB parts. The ETag of a
+multipart object ends in ``-N``, its number of parts; with the object's size that pins
+the part size to a narrow range, and uploaders use whole MiB (5 MiB for rclone and the
+Go SDK, 8 MiB for the AWS CLI, boto3, Mountpoint and Pail, 10 MiB for s3fs). No request
+is made to find it.
 """
 
 from __future__ import annotations

@@ -308,8 +308,8 @@ class Prefetcher:
         ahead = sum(1 for c in self._chunks if c.end > self._position)
         while ahead < self._depth and last.end < self._size:
             size = self._grow()
-            extra = ahead >= self._config.max_ahead
-            if not self._issue(last.end, size, forced=False, within=self._budget.limit // 2 if extra else None):
+            within = self._budget.limit // 2 if ahead >= self._config.max_ahead else None
+            if not self._issue(last.end, size, forced=False, within=within):
                 break  # the mount's budget is spent: read on without prefetching
             last = self._chunks[-1]
             ahead += 1
