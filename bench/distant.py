@@ -1,4 +1,5 @@
-"""A relay that makes the local S3 server look distant, for ``bench.seq_read --latency-ms``.
+"""A relay that makes the local S3 server look distant (``--latency-ms`` and
+``--connection-mbs`` of bench.seq_read and bench.compare).
 
 A local server answers a GET within a millisecond and sends it as fast as the CPU copies;
 S3 seen from a node answers after tens of milliseconds and sends each connection's
@@ -6,9 +7,11 @@ response at around 100 MB/s, so a client's speed there depends on how many reque
 keeps in flight. The relay listens on 127.0.0.1, forwards each client connection to the
 server on a connection of its own, holds the first bytes of every response until
 ``latency`` after the request's first bytes, and paces each connection's responses to
-``rate`` bytes per second. It does not parse HTTP: a request is whatever the client sends
-after the previous response started. The relay's threads cost CPU of their own (about a
-fifth of a core at 500 MB/s here), the same for every client measured through it.
+``rate`` bytes per second. Requests, upload bodies included, pass at once. It does not
+parse HTTP: a request is whatever the client sends after the previous response started,
+which holds for clients that wait for a response before the next request (all measured
+here). Its threads cost CPU of their own, in the benchmark's process, alike for every
+client measured through it.
 """
 
 from __future__ import annotations
@@ -49,9 +52,13 @@ class DistantRelay:
         while True:
             try:
                 client, _ = self._listener.accept()
+            except OSError:
+                return  # stopped
+            try:
                 server = socket.create_connection(self._upstream, timeout=30)
             except OSError:
-                return
+                _close(client)  # the client sees its connection closed, as from a dead server
+                continue
             server.settimeout(None)
             for sock in (client, server):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -89,6 +96,9 @@ class DistantRelay:
             pass
         finally:
             _close(client)
+            _close(server)
+            with self._lock:
+                self._sockets.difference_update((client, server))
 
 
 class Via:
@@ -128,8 +138,8 @@ def start(server, distant: dict) -> tuple[DistantRelay, Via]:
 
 
 def describe(distant: dict) -> str:
-    return (f"through a relay: {distant['latency_ms']:g} ms to each response, "
-            f"{distant['connection_mbs'] or 'unlimited'} MB/s per connection")
+    rate = f"{distant['connection_mbs']:g}" if distant["connection_mbs"] else "unlimited"
+    return f"through a relay: {distant['latency_ms']:g} ms to each response, {rate} MB/s per connection"
 
 
 def _sleep_until(moment: float) -> None:

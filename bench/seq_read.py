@@ -40,8 +40,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.clients import BOTO3_THREADS, PART_SIZE, raw_awscrt, raw_boto3, upload
 from bench import distant as distant_relay
+from bench.clients import BOTO3_THREADS, PART_SIZE, raw_awscrt, raw_boto3, upload
 from bench.mounts import READ_SIZE, Mounts, mount_run, trace_pass
 from bench.system import MiB, attribute_cpu, machine_info, prepare_run
 
