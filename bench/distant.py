@@ -20,6 +20,8 @@ import socket
 import threading
 import time
 
+from bench.system import MB
+
 _BUFFER = 1 << 20
 
 
@@ -133,7 +135,7 @@ def settings(parser, args) -> dict | None:
 
 def start(server, distant: dict) -> tuple[DistantRelay, Via]:
     relay = DistantRelay(server.endpoint, latency=distant["latency_ms"] / 1000,
-                         rate=distant["connection_mbs"] * 1_000_000 or None)
+                         rate=distant["connection_mbs"] * MB or None)
     return relay, Via(server, relay.endpoint)
 
 

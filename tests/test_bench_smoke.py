@@ -47,6 +47,16 @@ def test_seq_read_through_the_distant_relay_reads_every_byte(tmp_path):
     assert "through a relay: 100 ms" in (tmp_path / "seq_read.md").read_text()
 
 
+def test_a_negative_relay_setting_is_refused_naming_the_options(tmp_path):
+    for module in ("bench.seq_read", "bench.compare"):
+        result = subprocess.run(
+            [sys.executable, "-m", module, "--latency-ms", "-1", "--out", str(tmp_path)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
+        assert result.returncode == 2, (module, result.stderr[-2000:])
+        assert "--latency-ms and --connection-mbs must not be negative" in result.stderr, module
+    assert list(tmp_path.iterdir()) == [], "nothing written"
+
+
 def test_seq_write_benchmark_runs_end_to_end(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "bench.seq_write", "--size-mib", "16", "--runs", "1", "--out", str(tmp_path)],

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import re
 
-MiB = 1024 * 1024
+from driver.config import KiB, MiB
+
 # Request boundaries stay on 64 KiB, so chunks end on page boundaries.
-_GRAIN = 64 * 1024
+_GRAIN = 64 * KiB
 _COMMON = 8 * MiB  # the most common part size: chosen when the count allows several
 
 _MULTIPART_ETAG = re.compile(r'"?[0-9a-fA-F]{32}-([0-9]{1,5})"?')
