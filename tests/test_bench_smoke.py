@@ -5,9 +5,12 @@ threshold is checked here."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from bench.distant import DistantRelay
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("raw_awscrt", "raw_boto3", "mount_awscrt", "mount_boto3")
@@ -55,6 +58,28 @@ def test_a_negative_relay_setting_is_refused_naming_the_options(tmp_path):
         assert result.returncode == 2, (module, result.stderr[-2000:])
         assert "--latency-ms and --connection-mbs must not be negative" in result.stderr, module
     assert list(tmp_path.iterdir()) == [], "nothing written"
+
+
+def test_the_relay_closes_a_client_whose_server_refuses_and_keeps_relaying():
+    # Bound but not listening: connecting is refused, as to a server that has died.
+    upstream = socket.socket()
+    upstream.bind(("127.0.0.1", 0))
+    port = upstream.getsockname()[1]
+    with upstream, DistantRelay(f"http://127.0.0.1:{port}", latency=0.0, rate=None) as relay:
+        relay_address = ("127.0.0.1", int(relay.endpoint.rsplit(":", 1)[1]))
+        with socket.create_connection(relay_address, timeout=10) as refused:
+            # Nothing sent: a request left unread would turn the close into a reset.
+            assert refused.recv(100) == b"", "the relay closes the client's connection"
+        upstream.listen()
+        upstream.settimeout(10)  # a relay that stopped accepting fails here, not hangs
+        with socket.create_connection(relay_address, timeout=10) as client:
+            client.sendall(b"ping")
+            server, _ = upstream.accept()
+            with server:
+                server.settimeout(10)
+                assert server.recv(100) == b"ping"
+                server.sendall(b"pong")
+                assert client.recv(100) == b"pong", "later clients are still relayed"
 
 
 def test_seq_write_benchmark_runs_end_to_end(tmp_path):
