@@ -2,11 +2,15 @@
 data again: training jobs reading their dataset every epoch, tools that reread a file.
 
 Object data is kept in blocks of 1 MiB, one file each, the least recently used evicted
-past ``--max-cache-size``. A block is named by the object's key, its ETag and the block's
-number, so it only ever answers for the version a handle was opened with: a replaced
-object has another ETag and is fetched afresh. Every block file carries a CRC32C of its
-name and bytes, checked at each read: a block that does not check out (a disk error,
-a file changed by someone else) is dropped and the bytes come from S3.
+past ``--max-cache-size``. A block file holds the one contiguous range of its MiB that
+reads have fetched: a read that misses fetches what it needs, widened only to join what
+its first and last blocks already hold, so a random read costs the bytes it asks for (not
+its whole MiB) and the next read of the same bytes comes from the disk. A block is named
+by the object's key, its ETag and the block's number, so it only ever answers for the
+version a handle was opened with: a replaced object has another ETag and is fetched
+afresh. Every block file carries a CRC32C of its name, range and bytes, checked at each
+read: a block that does not check out (a disk error, a file changed by someone else) is
+dropped and the bytes come from S3.
 
 The cache lives as long as the mount: emptied when the mount starts and when it ends,
 and locked, so two mounts never share one directory (each would empty the other's).
@@ -26,6 +30,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +47,29 @@ BLOCK_SIZE = 1024 * 1024
 # Bytes handed to the writer thread and not yet on disk. They are views of bodies the
 # prefetcher holds anyway, but a body stays in memory until its blocks are written.
 MAX_PENDING_WRITES = 32 * 1024 * 1024
-_HEADER = struct.Struct("<4sIQ")  # magic, CRC32C of the block's name and bytes, length
-_MAGIC = b"PLB1"
+# magic, CRC32C of the block's name, range and bytes, where the bytes start in the block,
+# how many, whether the object ends with them
+_HEADER = struct.Struct("<4sIIII")
+_FIELDS = struct.Struct("<III")  # the header after magic and CRC32C, which it covers
+_MAGIC = b"PLB2"
+_ENDS_OBJECT = 1
 _WRITE_ERROR_LOG_INTERVAL = 60.0
 
 
 class CacheDirError(Exception):
     """The cache directory cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class Span:
+    """Bytes [start, end) of a block; ``ends_object``: the object ends at ``end``."""
+
+    start: int
+    end: int
+    ends_object: bool = False
+
+    def covers(self, start: int, end: int) -> bool:
+        return self.start <= start and (end <= self.end or self.ends_object)
 
 
 class BlockStore:
@@ -59,7 +80,8 @@ class BlockStore:
         self.max_size = max_size
         self.used = 0
         self._lock_file = lock_file
-        self._blocks: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
+        # name -> its file's size and the range it holds, least recently used first
+        self._blocks: OrderedDict[str, tuple[int, Span]] = OrderedDict()
         self._mutex = threading.Lock()
 
     @classmethod
@@ -87,65 +109,83 @@ class BlockStore:
             raise CacheDirError(f"{root}: {exc.strerror}") from None
         return cls(root, max_size, lock_file)
 
-    def has(self, name: str) -> bool:
-        return name in self._blocks
+    def span(self, name: str) -> Span | None:
+        """The range of its block that ``name`` holds, if cached."""
+        entry = self._blocks.get(name)
+        return entry[1] if entry is not None else None
 
-    def read_into(self, name: str, identity: bytes, out: memoryview) -> int | None:
-        """Read the block into ``out`` (room for a whole block); its length, or None when
-        it is not cached or does not check out."""
+    def read_into(self, name: str, identity: bytes, block: memoryview) -> Span | None:
+        """Read the block's bytes into ``block`` (room for a whole block) where they lie in
+        it; their range, or None when it is not cached or does not check out."""
         with self._mutex:
             if name not in self._blocks:
                 return None
             self._blocks.move_to_end(name)
         header = bytearray(_HEADER.size)
+        span = None
         try:
             fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
             try:
-                got = os.preadv(fd, [header, out], 0) - _HEADER.size
+                if os.preadv(fd, [header], 0) == _HEADER.size:
+                    magic, crc, start, length, flags = _HEADER.unpack(header)
+                    if magic == _MAGIC and start + length <= BLOCK_SIZE:
+                        data = block[start:start + length]
+                        if os.preadv(fd, [data], _HEADER.size) == length and crc == _checksum(
+                                identity + bytes(header[8:]), data):
+                            span = Span(start, start + length, bool(flags & _ENDS_OBJECT))
             finally:
                 os.close(fd)
         except OSError:
             self.drop(name)  # evicted meanwhile, or unreadable
             return None
-        if got >= 0:
-            magic, crc, length = _HEADER.unpack(header)
-            if magic == _MAGIC and length == got and crc == _checksum(identity, out[:got]):
-                return got
-        log.warning("cache block failed its check; reading it from S3", op="read", block=name)
-        metrics.cache_block("invalid")
-        self.drop(name)
-        return None
+        if span is None:
+            log.warning("cache block failed its check; reading it from S3", op="read", block=name)
+            metrics.cache_block("invalid")
+            self.drop(name)
+        return span
 
-    def write(self, name: str, identity: bytes, data: memoryview) -> None:
-        """Keep a block, evicting the least recently used to stay within the cap.
+    def write(self, name: str, identity: bytes, span: Span, data: memoryview) -> None:
+        """Keep a block's range, in place of a smaller one, evicting the least recently
+        used to stay within the cap.
 
         Few calls, each releasing the GIL: this thread competes with the FUSE loop for it,
         and every extra step is another wait (5 ms at worst) for the loop to let go."""
         size = _HEADER.size + len(data)
         with self._mutex:
-            if name in self._blocks:
-                return  # two reads missed it at once: a reader may be reading the first copy
+            held = self.span(name)
+            if held is not None and held.covers(span.start, span.end):
+                return  # two reads missed it at once, or a wider range came first
             evicted = self._make_room(size)
         for old in evicted:
             _unlink(self._path(old))
-        # Written in place, not renamed into place: a block is read only once it is in the
-        # index, which it enters after this; a half-written file would fail its check.
-        fd = os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fields = _FIELDS.pack(span.start, len(data), _ENDS_OBJECT if span.ends_object else 0)
+        header = _MAGIC + struct.pack("<I", _checksum(identity + fields, data)) + fields
+        # A new block is written in place: it is read only once it is in the index, which
+        # it enters after this. A wider range replaces the file by a rename, so a reader
+        # that opened the old one reads it whole.
+        path = self._path(name)
+        target = path if held is None else path.with_name(path.name + ".new")
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            if os.writev(fd, [_HEADER.pack(_MAGIC, _checksum(identity, data), len(data)), data]) != size:
+            if os.writev(fd, [header, data]) != size:
                 raise OSError(errno.ENOSPC, "short write")  # a full disk may take part of it
         finally:
             os.close(fd)
+        if target != path:
+            os.replace(target, path)
         with self._mutex:
+            old_entry = self._blocks.pop(name, None)
+            if old_entry is not None:
+                self.used -= old_entry[0]
             self.used += size
-            self._blocks[name] = size
+            self._blocks[name] = (size, span)
             metrics.cache_bytes(self.used)
 
     def drop(self, name: str) -> None:
         with self._mutex:
-            size = self._blocks.pop(name, None)
-            if size is not None:
-                self.used -= size
+            entry = self._blocks.pop(name, None)
+            if entry is not None:
+                self.used -= entry[0]
                 metrics.cache_bytes(self.used)
         _unlink(self._path(name))
 
@@ -157,7 +197,7 @@ class BlockStore:
     def _make_room(self, size: int) -> list[str]:
         evicted = []
         while self._blocks and self.used + size > self.max_size:
-            name, old = self._blocks.popitem(last=False)
+            name, (old, _) = self._blocks.popitem(last=False)
             self.used -= old
             evicted.append(name)
         return evicted
@@ -187,42 +227,62 @@ class CachingObjectClient:
             # No ETag, no way to tell versions apart: such objects are not cached.
             return await self._client.get_range(key, start, length, etag=etag)
         version = _version_name(key, etag)
-        first, last = start // BLOCK_SIZE, (start + length - 1) // BLOCK_SIZE
-        wanted = [(index, f"{version}.{index}", _identity(key, etag, index)) for index in range(first, last + 1)]
-        blocks: dict[int, bytes | memoryview] = {}
-        cached = [block for block in wanted if self._store.has(block[1])]
-        if cached:
+        end = start + length
+        first, last = start // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        # Per block: its name, its identity, and the bytes of it this read needs.
+        wanted = {index: (f"{version}.{index}", _identity(key, etag, index),
+                          max(start, index * BLOCK_SIZE) - index * BLOCK_SIZE,
+                          min(end, (index + 1) * BLOCK_SIZE) - index * BLOCK_SIZE)
+                  for index in range(first, last + 1)}
+        held = [index for index, (name, _, low, high) in wanted.items()
+                if (span := self._store.span(name)) is not None and span.covers(low, high)]
+        pieces: dict[int, tuple[Span, memoryview]] = {}
+        if held:
             # Allocated here, filled there: memory a worker thread allocates comes from its
             # own malloc arena, which keeps what is freed (reading 1 GiB from the cache grew
             # the mount by ~100 MiB more than reading it from S3).
-            buffer = memoryview(bytearray(len(cached) * BLOCK_SIZE))
-            found = await trio.to_thread.run_sync(self._read_blocks, cached, buffer)
-            if len(found) == len(wanted):
-                metrics.cache_block("hit", len(found))
-                # The blocks lie one after another in the buffer: answer with a view of it.
-                size = sum(len(data) for data in found.values())
-                return buffer[start - first * BLOCK_SIZE:min(size, start - first * BLOCK_SIZE + length)]
-            blocks.update(found)
-        metrics.cache_block("hit", len(blocks))
-        missing = [index for index in range(first, last + 1) if index not in blocks
-                   and not _ends_before(blocks, index)]
+            buffer = memoryview(bytearray(len(held) * BLOCK_SIZE))
+            pieces = await trio.to_thread.run_sync(self._read_blocks, [(i, *wanted[i][:2]) for i in held],
+                                                   buffer)
+        missing = [index for index, (_, _, low, high) in wanted.items()
+                   if (index not in pieces or not pieces[index][0].covers(low, high))
+                   and not _ended_before(pieces, index)]
+        metrics.cache_block("hit", len(wanted) - len(missing))
         if missing:
             metrics.cache_block("miss", len(missing))
-            low, high = missing[0], missing[-1]
-            body = memoryview(await self._client.get_range(key, low * BLOCK_SIZE, (high - low + 1) * BLOCK_SIZE,
-                                                           etag=etag))
-            new = []
-            for index in range(low, high + 1):
-                piece = body[(index - low) * BLOCK_SIZE:(index - low + 1) * BLOCK_SIZE]
-                if not piece:
-                    break
-                if index not in blocks:
-                    blocks[index] = piece
-                    new.append((f"{version}.{index}", _identity(key, etag, index), piece))
-                if len(piece) < BLOCK_SIZE:
-                    break  # the object ends in this block
-            self._write_later(new)
-        return _assemble(blocks, first, last, start - first * BLOCK_SIZE, length)
+            pieces.update(await self._fetch(key, etag, wanted, missing))
+        return _assemble(pieces, wanted)
+
+    async def _fetch(self, key: str, etag: str, wanted: dict[int, tuple[str, bytes, int, int]],
+                     missing: list[int]) -> dict[int, tuple[Span, memoryview]]:
+        """One GET for the missing blocks' bytes: from what the first needs to what the
+        last needs, widened to join the range each of those two holds (a block file holds
+        one range); the pieces go to the writer thread."""
+        low_block, high_block = missing[0], missing[-1]
+        low, high = wanted[low_block][2], wanted[high_block][3]
+        if (held := self._store.span(wanted[low_block][0])) is not None:
+            low = min(low, held.start)
+        if (held := self._store.span(wanted[high_block][0])) is not None:
+            high = max(high, held.end)
+        fetch_start = low_block * BLOCK_SIZE + low
+        fetch_end = high_block * BLOCK_SIZE + high
+        body = memoryview(await self._client.get_range(key, fetch_start, fetch_end - fetch_start, etag=etag))
+        body_end = fetch_start + len(body)
+        pieces, new = {}, []
+        for index in range(low_block, high_block + 1):
+            block_start = index * BLOCK_SIZE
+            piece_start, piece_end = max(fetch_start, block_start), min(body_end, block_start + BLOCK_SIZE)
+            if piece_end <= piece_start:
+                break  # the object ended before this block
+            ends_object = body_end < fetch_end and piece_end == body_end
+            span = Span(piece_start - block_start, piece_end - block_start, ends_object)
+            piece = body[piece_start - fetch_start:piece_end - fetch_start]
+            pieces[index] = (span, piece)
+            new.append((wanted[index][0], wanted[index][1], span, piece))
+            if ends_object:
+                break
+        self._write_later(new)
+        return pieces
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -233,28 +293,29 @@ class CachingObjectClient:
         self._writer.shutdown(wait=True)
         self._store.close()
 
-    def _read_blocks(self, blocks: list[tuple[int, str, bytes]], buffer: memoryview) -> dict[int, memoryview]:
-        """The blocks that check out, read into ``buffer`` in the order given."""
+    def _read_blocks(self, blocks: list[tuple[int, str, bytes]],
+                     buffer: memoryview) -> dict[int, tuple[Span, memoryview]]:
+        """The blocks that check out, each read into its own MiB of ``buffer``."""
         found = {}
         for n, (index, name, identity) in enumerate(blocks):
             room = buffer[n * BLOCK_SIZE:(n + 1) * BLOCK_SIZE]
-            got = self._store.read_into(name, identity, room)
-            if got is not None:
-                found[index] = room[:got]
+            span = self._store.read_into(name, identity, room)
+            if span is not None:
+                found[index] = (span, room[span.start:span.end])
         return found
 
-    def _write_later(self, blocks: list[tuple[str, bytes, memoryview]]) -> None:
+    def _write_later(self, blocks: list[tuple[str, bytes, Span, memoryview]]) -> None:
         """Hand blocks to the writer thread, as many as fit in what may wait for it: one
         job for all, since each wake-up of that thread is a wait for the GIL."""
         with self._pending_mutex:
             room = MAX_PENDING_WRITES - self._pending
             taken = []
             for block in blocks:
-                if len(block[2]) > room:
+                if len(block[3]) > room:
                     break  # the disk is behind: the rest are not cached
                 taken.append(block)
-                room -= len(block[2])
-            size = sum(len(block[2]) for block in taken)
+                room -= len(block[3])
+            size = sum(len(block[3]) for block in taken)
             self._pending += size
         if not taken:
             return
@@ -263,11 +324,11 @@ class CachingObjectClient:
         except RuntimeError:  # shutting down
             self._written(size)
 
-    def _write(self, blocks: list[tuple[str, bytes, memoryview]], size: int) -> None:
+    def _write(self, blocks: list[tuple[str, bytes, Span, memoryview]], size: int) -> None:
         try:
-            for name, identity, data in blocks:
+            for name, identity, span, data in blocks:
                 try:
-                    self._store.write(name, identity, data)
+                    self._store.write(name, identity, span, data)
                 except OSError as exc:
                     self._store.drop(name)
                     self._write_failed(exc)
@@ -307,22 +368,20 @@ def _checksum(identity: bytes, data: memoryview | bytes) -> int:
     return awscrt.checksums.crc32c(data, awscrt.checksums.crc32c(identity))
 
 
-def _ends_before(blocks: dict[int, bytes | memoryview], index: int) -> bool:
-    """Whether a block before ``index`` is short: the object ends there."""
-    return any(i < index and len(data) < BLOCK_SIZE for i, data in blocks.items())
+def _ended_before(pieces: dict[int, tuple[Span, memoryview]], index: int) -> bool:
+    """Whether the object ends in a block before ``index``."""
+    return any(i < index and span.ends_object for i, (span, _) in pieces.items())
 
 
-def _assemble(blocks: dict[int, bytes | memoryview], first: int, last: int, skip: int,
-              length: int) -> bytes | memoryview:
-    """Bytes [skip, skip + length) of blocks first..last, short where the object ends."""
-    pieces: list[bytes | memoryview] = []
-    for index in range(first, last + 1):
-        data = blocks.get(index)
-        if data is None:
-            break
-        pieces.append(data)
-        if len(data) < BLOCK_SIZE:
-            break
-    if len(pieces) == 1:
-        return memoryview(pieces[0])[skip:skip + length]
-    return memoryview(b"".join(pieces))[skip:skip + length]
+def _assemble(pieces: dict[int, tuple[Span, memoryview]],
+              wanted: dict[int, tuple[str, bytes, int, int]]) -> bytes | memoryview:
+    """The bytes each block was wanted for, in order, short where the object ends."""
+    parts: list[memoryview] = []
+    for index, (_, _, low, high) in wanted.items():
+        if index not in pieces:
+            break  # past the object's end
+        span, data = pieces[index]
+        parts.append(data[low - span.start:min(high, span.end) - span.start])
+        if span.end < high:
+            break  # the object ends in this block
+    return parts[0] if len(parts) == 1 else b"".join(parts)

@@ -65,6 +65,34 @@ def test_reading_again_comes_from_the_cache(s3, bucket, proxy, mount_bucket, tmp
 
 
 @pytest.mark.s3_servers("seaweedfs")
+def test_a_random_read_fetches_what_it_needs_and_reading_it_again_fetches_nothing(
+        s3, bucket, proxy, mount_bucket, tmp_path):
+    data = random.Random(8).randbytes(8 * MiB)
+    s3.put_object(Bucket=bucket, Key="samples.bin", Body=data)
+    cache = tmp_path / "cache"
+    mount = mount_bucket(bucket, "--cache", str(cache), endpoint=proxy.endpoint)
+    samples = [(5 * MiB + 300_000, 4096), (1 * MiB + 4096, 65536), (5 * MiB + 700_000, 4096)]
+
+    def read_samples():
+        with open(mount.path / "samples.bin", "rb", buffering=0) as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            for offset, length in samples:
+                assert os.pread(f.fileno(), length, offset) == data[offset:offset + length]
+
+    proxy.clear()
+    read_samples()
+    # Each read is fetched as the mount would without a cache (the kernel's page, the
+    # prefetcher's smallest request), not widened to whole 1 MiB blocks (2 MiB for these).
+    assert 0 < fetched(proxy) < 2 * MiB
+    deadline = time.monotonic() + 10  # the writer thread puts the pieces on disk
+    while time.monotonic() < deadline and len(cache_files(cache)) < 2:
+        time.sleep(0.05)
+    proxy.clear()
+    read_samples()
+    assert proxy.records("GetObject") == [], "the same bytes again come from the disk"
+
+
+@pytest.mark.s3_servers("seaweedfs")
 def test_a_replaced_object_is_read_anew(s3, bucket, proxy, mount_bucket, tmp_path):
     old = random.Random(2).randbytes(3 * MiB)
     new = random.Random(3).randbytes(3 * MiB)
