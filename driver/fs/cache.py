@@ -1,16 +1,16 @@
 """A local disk cache of object data (``--cache DIR``), for programs that read the same
 data again: training jobs reading their dataset every epoch, tools that reread a file.
 
-Object data is kept in blocks of 1 MiB, one file each, the least recently used evicted
-past ``--max-cache-size``. A block file holds the one contiguous range of its MiB that
-reads have fetched: a read that misses fetches what it needs, widened only to join what
-its first and last blocks already hold, so a random read costs the bytes it asks for (not
-its whole MiB) and the next read of the same bytes comes from the disk. A block is named
-by the object's key, its ETag and the block's number, so it only ever answers for the
-version a handle was opened with: a replaced object has another ETag and is fetched
-afresh. Every block file carries a CRC32C of its name, range and bytes, checked at each
-read: a block that does not check out (a disk error, a file changed by someone else) is
-dropped and the bytes come from S3.
+Object data is kept in blocks of 1 MiB. A block holds the ranges of its MiB that reads
+have fetched, one file each (up to ``MAX_RANGES_PER_BLOCK``; a range replaces those it
+covers), the least recently used evicted past ``--max-cache-size``: a read that misses
+fetches what it needs, so a random read costs the bytes it asks for (not its whole MiB)
+and the next read of the same bytes comes from the disk. A block is named by the
+object's key, its ETag and the block's number, so it only ever answers for the version a
+handle was opened with: a replaced object has another ETag and is fetched afresh. Every
+range's file carries a CRC32C of its block's name, the range and its bytes, checked at
+each read: a file that does not check out (a disk error, a file changed by someone else)
+is dropped and the bytes come from S3.
 
 The cache lives as long as the mount: emptied when the mount starts and when it ends,
 and locked, so two mounts never share one directory (each would empty the other's).
@@ -47,6 +47,8 @@ BLOCK_SIZE = 1024 * 1024
 # Bytes handed to the writer thread and not yet on disk. They are views of bodies the
 # prefetcher holds anyway, but a body stays in memory until its blocks are written.
 MAX_PENDING_WRITES = 32 * 1024 * 1024
+# Ranges one block may hold at once, each a file: random reads land anywhere in a block.
+MAX_RANGES_PER_BLOCK = 8
 # magic, CRC32C of the block's name, range and bytes, where the bytes start in the block,
 # how many, whether the object ends with them
 _HEADER = struct.Struct("<4sIIII")
@@ -80,8 +82,10 @@ class BlockStore:
         self.max_size = max_size
         self.used = 0
         self._lock_file = lock_file
-        # name -> its file's size and the range it holds, least recently used first
-        self._blocks: OrderedDict[str, tuple[int, Span]] = OrderedDict()
+        # A block's ranges are files of their own, named by the block and where the range
+        # starts: file -> its size, its block, its range; least recently used first.
+        self._files: OrderedDict[str, tuple[int, str, Span]] = OrderedDict()
+        self._ranges: dict[str, list[str]] = {}  # block -> its files, oldest first
         self._mutex = threading.Lock()
 
     @classmethod
@@ -109,22 +113,25 @@ class BlockStore:
             raise CacheDirError(f"{root}: {exc.strerror}") from None
         return cls(root, max_size, lock_file)
 
-    def span(self, name: str) -> Span | None:
-        """The range of its block that ``name`` holds, if cached."""
-        entry = self._blocks.get(name)
-        return entry[1] if entry is not None else None
-
-    def read_into(self, name: str, identity: bytes, block: memoryview) -> Span | None:
-        """Read the block's bytes into ``block`` (room for a whole block) where they lie in
-        it; their range, or None when it is not cached or does not check out."""
+    def covering(self, name: str, start: int, end: int) -> str | None:
+        """The file of a range of block ``name`` that holds bytes [start, end) of it."""
         with self._mutex:
-            if name not in self._blocks:
+            for file in self._ranges.get(name, ()):
+                if self._files[file][2].covers(start, end):
+                    return file
+        return None
+
+    def read_into(self, file: str, identity: bytes, block: memoryview) -> Span | None:
+        """Read a range's bytes into ``block`` (room for a whole block) where they lie in
+        it; the range, or None when it is not cached or does not check out."""
+        with self._mutex:
+            if file not in self._files:
                 return None
-            self._blocks.move_to_end(name)
+            self._files.move_to_end(file)
         header = bytearray(_HEADER.size)
         span = None
         try:
-            fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._path(file), os.O_RDONLY | os.O_CLOEXEC)
             try:
                 if os.preadv(fd, [header], 0) == _HEADER.size:
                     magic, crc, start, length, flags = _HEADER.unpack(header)
@@ -136,58 +143,65 @@ class BlockStore:
             finally:
                 os.close(fd)
         except OSError:
-            self.drop(name)  # evicted meanwhile, or unreadable
+            self.drop(file)  # evicted meanwhile, or unreadable
             return None
         if span is None:
-            log.warning("cache block failed its check; reading it from S3", op="read", block=name)
+            log.warning("cache block failed its check; reading it from S3", op="read", block=file)
             metrics.cache_block("invalid")
-            self.drop(name)
+            self.drop(file)
         return span
 
     def write(self, name: str, identity: bytes, span: Span, data: memoryview) -> None:
-        """Keep a block's range, in place of a smaller one, evicting the least recently
-        used to stay within the cap.
+        """Keep a range of block ``name``, in place of the block's ranges it covers, evicting
+        the least recently used to stay within the cap.
 
         Few calls, each releasing the GIL: this thread competes with the FUSE loop for it,
         and every extra step is another wait (5 ms at worst) for the loop to let go."""
         size = _HEADER.size + len(data)
+        file = f"{name}.{span.start}"
         with self._mutex:
-            held = self.span(name)
-            if held is not None and held.covers(span.start, span.end):
+            ranges = self._ranges.get(name, [])
+            if any(self._files[f][2].covers(span.start, span.end) for f in ranges):
                 return  # two reads missed it at once, or a wider range came first
-            evicted = self._make_room(size)
-        for old in evicted:
-            _unlink(self._path(old))
+            gone = [f for f in ranges if span.covers(self._files[f][2].start, self._files[f][2].end)]
+            for f in gone:
+                self._forget(f)
+            while len(self._ranges.get(name, ())) >= MAX_RANGES_PER_BLOCK:
+                gone.append(self._ranges[name][0])
+                self._forget(gone[-1])
+            gone += self._make_room(size)
+        for old in gone:
+            if old != file:  # a file of the same name is replaced below, whole
+                _unlink(self._path(old))
         fields = _FIELDS.pack(span.start, len(data), _ENDS_OBJECT if span.ends_object else 0)
         header = _MAGIC + struct.pack("<I", _checksum(identity + fields, data)) + fields
-        # A new block is written in place: it is read only once it is in the index, which
-        # it enters after this. A wider range replaces the file by a rename, so a reader
-        # that opened the old one reads it whole.
-        path = self._path(name)
-        target = path if held is None else path.with_name(path.name + ".new")
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        # Written aside and renamed into place: a reader that opened a file of the same
+        # name reads it whole, and one that opens it now finds a whole file.
+        path = self._path(file)
+        temporary = path.with_name(path.name + ".new")
         try:
-            if os.writev(fd, [header, data]) != size:
-                raise OSError(errno.ENOSPC, "short write")  # a full disk may take part of it
-        finally:
-            os.close(fd)
-        if target != path:
-            os.replace(target, path)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                if os.writev(fd, [header, data]) != size:
+                    raise OSError(errno.ENOSPC, "short write")  # a full disk may take part of it
+            finally:
+                os.close(fd)
+            os.replace(temporary, path)
+        except OSError:
+            _unlink(temporary)  # not in the index: nothing else would remove it
+            raise
         with self._mutex:
-            old_entry = self._blocks.pop(name, None)
-            if old_entry is not None:
-                self.used -= old_entry[0]
+            self._forget(file)
             self.used += size
-            self._blocks[name] = (size, span)
+            self._files[file] = (size, name, span)
+            self._ranges.setdefault(name, []).append(file)
             metrics.cache_bytes(self.used)
 
-    def drop(self, name: str) -> None:
+    def drop(self, file: str) -> None:
         with self._mutex:
-            entry = self._blocks.pop(name, None)
-            if entry is not None:
-                self.used -= entry[0]
-                metrics.cache_bytes(self.used)
-        _unlink(self._path(name))
+            self._forget(file)
+            metrics.cache_bytes(self.used)
+        _unlink(self._path(file))
 
     def close(self) -> None:
         """Remove every block and let another mount use the directory."""
@@ -196,11 +210,23 @@ class BlockStore:
 
     def _make_room(self, size: int) -> list[str]:
         evicted = []
-        while self._blocks and self.used + size > self.max_size:
-            name, (old, _) = self._blocks.popitem(last=False)
-            self.used -= old
-            evicted.append(name)
+        while self._files and self.used + size > self.max_size:
+            file = next(iter(self._files))
+            self._forget(file)
+            evicted.append(file)
         return evicted
+
+    def _forget(self, file: str) -> None:
+        """Take ``file`` out of the index (the caller holds the mutex)."""
+        entry = self._files.pop(file, None)
+        if entry is None:
+            return
+        size, name, _ = entry
+        self.used -= size
+        ranges = self._ranges[name]
+        ranges.remove(file)
+        if not ranges:
+            del self._ranges[name]
 
     def _path(self, name: str) -> Path:
         return self.directory / name[:2] / name
@@ -234,16 +260,15 @@ class CachingObjectClient:
                           max(start, index * BLOCK_SIZE) - index * BLOCK_SIZE,
                           min(end, (index + 1) * BLOCK_SIZE) - index * BLOCK_SIZE)
                   for index in range(first, last + 1)}
-        held = [index for index, (name, _, low, high) in wanted.items()
-                if (span := self._store.span(name)) is not None and span.covers(low, high)]
+        held = [(index, file, identity) for index, (name, identity, low, high) in wanted.items()
+                if (file := self._store.covering(name, low, high)) is not None]
         pieces: dict[int, tuple[Span, memoryview]] = {}
         if held:
             # Allocated here, filled there: memory a worker thread allocates comes from its
             # own malloc arena, which keeps what is freed (reading 1 GiB from the cache grew
             # the mount by ~100 MiB more than reading it from S3).
             buffer = memoryview(bytearray(len(held) * BLOCK_SIZE))
-            pieces = await trio.to_thread.run_sync(self._read_blocks, [(i, *wanted[i][:2]) for i in held],
-                                                   buffer)
+            pieces = await trio.to_thread.run_sync(self._read_blocks, held, buffer)
         missing = [index for index, (_, _, low, high) in wanted.items()
                    if (index not in pieces or not pieces[index][0].covers(low, high))
                    and not _ended_before(pieces, index)]
@@ -255,15 +280,10 @@ class CachingObjectClient:
 
     async def _fetch(self, key: str, etag: str, wanted: dict[int, tuple[str, bytes, int, int]],
                      missing: list[int]) -> dict[int, tuple[Span, memoryview]]:
-        """One GET for the missing blocks' bytes: from what the first needs to what the
-        last needs, widened to join the range each of those two holds (a block file holds
-        one range); the pieces go to the writer thread."""
+        """One GET for the missing blocks' bytes, from what the first needs to what the
+        last needs; the pieces go to the writer thread."""
         low_block, high_block = missing[0], missing[-1]
         low, high = wanted[low_block][2], wanted[high_block][3]
-        if (held := self._store.span(wanted[low_block][0])) is not None:
-            low = min(low, held.start)
-        if (held := self._store.span(wanted[high_block][0])) is not None:
-            high = max(high, held.end)
         fetch_start = low_block * BLOCK_SIZE + low
         fetch_end = high_block * BLOCK_SIZE + high
         body = memoryview(await self._client.get_range(key, fetch_start, fetch_end - fetch_start, etag=etag))
@@ -295,11 +315,12 @@ class CachingObjectClient:
 
     def _read_blocks(self, blocks: list[tuple[int, str, bytes]],
                      buffer: memoryview) -> dict[int, tuple[Span, memoryview]]:
-        """The blocks that check out, each read into its own MiB of ``buffer``."""
+        """The ranges (block, file, identity) that check out, each read into its own MiB
+        of ``buffer``."""
         found = {}
-        for n, (index, name, identity) in enumerate(blocks):
+        for n, (index, file, identity) in enumerate(blocks):
             room = buffer[n * BLOCK_SIZE:(n + 1) * BLOCK_SIZE]
-            span = self._store.read_into(name, identity, room)
+            span = self._store.read_into(file, identity, room)
             if span is not None:
                 found[index] = (span, room[span.start:span.end])
         return found
@@ -330,7 +351,6 @@ class CachingObjectClient:
                 try:
                     self._store.write(name, identity, span, data)
                 except OSError as exc:
-                    self._store.drop(name)
                     self._write_failed(exc)
         finally:
             self._written(size)

@@ -1,6 +1,6 @@
 """The local data cache (driver.fs.cache) over S3 in memory: the bytes of any range are
-the object's, no byte read before is fetched again, a miss fetches what it needs, and the
-least recently used blocks go first."""
+the object's, no range read before is fetched again, a miss fetches what it needs, and the
+least recently used go first."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import random
 import pytest
 import trio
 
-from driver.fs.cache import BLOCK_SIZE, BlockStore, CacheDirError, CachingObjectClient
+from driver.fs.cache import BLOCK_SIZE, MAX_RANGES_PER_BLOCK, BlockStore, CacheDirError, CachingObjectClient
 from driver.s3.api import PreconditionFailed
 from driver.s3.memory import MemoryClient
 
@@ -23,6 +23,10 @@ def gets(client):
 def cached_client(tmp_path, max_size=64 * MiB):
     memory = MemoryClient()
     return memory, CachingObjectClient(memory, BlockStore.open(str(tmp_path / "cache"), max_size))
+
+
+def files(tmp_path) -> list:
+    return [p for p in (tmp_path / "cache" / "pail-cache").rglob("*") if p.is_file()]
 
 
 async def settle(cached):
@@ -54,7 +58,7 @@ def test_any_range_reads_the_objects_bytes_and_none_is_fetched_twice(tmp_path):
     assert not (tmp_path / "cache" / "pail-cache").exists()
 
 
-def test_a_miss_fetches_what_it_needs_joined_to_what_its_blocks_hold(tmp_path):
+def test_a_miss_fetches_what_it_needs_and_a_wider_range_replaces_those_it_covers(tmp_path):
     memory, cached = cached_client(tmp_path)
     data = random.Random(7).randbytes(2 * BLOCK_SIZE + 777)
     etag = memory.put("k", data).etag
@@ -65,20 +69,40 @@ def test_a_miss_fetches_what_it_needs_joined_to_what_its_blocks_hold(tmp_path):
 
     async def main():
         await read(100, 1000)
-        await read(5000, 100)  # the block holds [100, 1100): one range, so [100, 5100)
-        await read(300, 50)  # within it
-        await read(BLOCK_SIZE - 10, 20)  # the rest of block 0 and the start of block 1
+        await read(5000, 100)
+        await read(300, 50)  # within the first range
+        await read(900, 4200)  # across the first, the gap and the second, which it replaces
         await read(2 * BLOCK_SIZE + 700, 4096)  # past the end: the object ends in the block
         await read(2 * BLOCK_SIZE + 770, 100)  # so these bytes are there, to the end
+        assert len(files(tmp_path)) == 3
+        await read(0, BLOCK_SIZE + 10)  # block 0 whole: its two ranges go
+        assert sorted(f.name.rsplit(".", 1)[1] for f in files(tmp_path)) == ["0", "0", "700"]
+        await read(10, 20)
         await cached.aclose()
 
     trio.run(main)
-    assert gets(memory) == [
-        (100, 1000),
-        (100, 5000),
-        (100, BLOCK_SIZE - 90),
-        (2 * BLOCK_SIZE + 700, 4096),
-    ]
+    assert gets(memory) == [(100, 1000), (5000, 100), (900, 4200), (2 * BLOCK_SIZE + 700, 4096),
+                            (0, BLOCK_SIZE + 10)]
+
+
+def test_a_block_keeps_a_bounded_number_of_ranges(tmp_path):
+    memory, cached = cached_client(tmp_path)
+    data = random.Random(8).randbytes(BLOCK_SIZE)
+    etag = memory.put("k", data).etag
+    starts = [n * 100_000 for n in range(MAX_RANGES_PER_BLOCK + 2)]
+
+    async def main():
+        for start in starts:
+            assert bytes(await cached.get_range("k", start, 1000, etag=etag)) == data[start:start + 1000]
+            await settle(cached)
+        assert len(files(tmp_path)) == MAX_RANGES_PER_BLOCK
+        memory.calls.clear()
+        for start in starts[2:]:  # the newest stay
+            await cached.get_range("k", start, 1000, etag=etag)
+        assert gets(memory) == []
+        await cached.aclose()
+
+    trio.run(main)
 
 
 def test_least_recently_used_blocks_are_evicted_first(tmp_path):
