@@ -137,8 +137,8 @@ class BlockStore:
                     magic, crc, start, length, flags = _HEADER.unpack(header)
                     if magic == _MAGIC and start + length <= BLOCK_SIZE:
                         data = block[start:start + length]
-                        if os.preadv(fd, [data], _HEADER.size) == length and crc == _checksum(
-                                identity + bytes(header[8:]), data):
+                        if os.preadv(fd, [data], _HEADER.size) == length and crc == _range_checksum(
+                                identity, start, length, flags, data):
                             span = Span(start, start + length, bool(flags & _ENDS_OBJECT))
             finally:
                 os.close(fd)
@@ -173,8 +173,9 @@ class BlockStore:
         for old in gone:
             if old != file:  # a file of the same name is replaced below, whole
                 _unlink(self._path(old))
-        fields = _FIELDS.pack(span.start, len(data), _ENDS_OBJECT if span.ends_object else 0)
-        header = _MAGIC + struct.pack("<I", _checksum(identity + fields, data)) + fields
+        flags = _ENDS_OBJECT if span.ends_object else 0
+        header = _HEADER.pack(_MAGIC, _range_checksum(identity, span.start, len(data), flags, data),
+                              span.start, len(data), flags)
         # Written aside and renamed into place: a reader that opened a file of the same
         # name reads it whole, and one that opens it now finds a whole file.
         path = self._path(file)
@@ -384,8 +385,10 @@ def _identity(key: str, etag: str, index: int) -> bytes:
     return f"{key}\0{etag}\0{index}".encode("utf-8", "surrogateescape")
 
 
-def _checksum(identity: bytes, data: memoryview | bytes) -> int:
-    return awscrt.checksums.crc32c(data, awscrt.checksums.crc32c(identity))
+def _range_checksum(identity: bytes, start: int, length: int, flags: int, data: memoryview | bytes) -> int:
+    """What a range file's CRC32C covers: its block's identity, the header after the CRC,
+    and the bytes; one function for writing and for checking."""
+    return awscrt.checksums.crc32c(data, awscrt.checksums.crc32c(identity + _FIELDS.pack(start, length, flags)))
 
 
 def _ended_before(pieces: dict[int, tuple[Span, memoryview]], index: int) -> bool:
