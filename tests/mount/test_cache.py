@@ -155,6 +155,11 @@ def test_a_full_cache_disk_is_not_the_readers_error(s3, bucket, mount_bucket, tm
         for _ in range(2):
             assert read_all(mount.path / "f") == data
         assert any(e["event"].startswith("cache write failed") and e["errno"] == 28 for e in mount.log())
+        # A write that failed leaves nothing behind that would keep the disk full.
+        deadline = time.monotonic() + 5  # the writer thread may be finishing its last file
+        while time.monotonic() < deadline and any(p.name.endswith(".new") for p in cache_files(cache)):
+            time.sleep(0.05)
+        assert not [p.name for p in cache_files(cache) if p.name.endswith(".new")]
         mount.stop()
     finally:
         subprocess.run(["umount", "-l", str(cache)], check=True)
