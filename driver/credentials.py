@@ -190,6 +190,8 @@ class FileCredentials(botocore.credentials.RefreshableCredentials):
         return fresh
 
     def refresh_needed(self, refresh_in: int | None = None) -> bool:
+        if refresh_in is None:  # as botocore's: the advisory refresh (driver.s3.direct asks so)
+            refresh_in = self._advisory_refresh_timeout
         if super().refresh_needed(refresh_in):
             return True
         # A replaced file is an advisory refresh: if fetching fails, botocore keeps the

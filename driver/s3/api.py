@@ -6,6 +6,7 @@ the core maps them to errnos in one place (``driver.fs.errors``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -85,6 +86,21 @@ class PreconditionFailed(ObjectClientError):
 
 class Unreachable(ObjectClientError):
     """No answer: connection refused, reset or timed out after the retries."""
+
+
+def error_for_status(operation: str, key: str, status: int, body: bytes | None) -> ObjectClientError:
+    """The error for an S3 error answer: its status and the <Code> of its XML body."""
+    match = re.search(rb"<Code>([^<]+)</Code>", body or b"")
+    code = match.group(1).decode(errors="replace") if match else None
+    message = f"{operation} {key}: {status} {code or ''}".rstrip()
+    cls = ObjectClientError
+    if status == 404:
+        cls = NoSuchBucket if code == "NoSuchBucket" else NoSuchKey
+    elif status == 412:
+        cls = PreconditionFailed
+    elif status in (401, 403):
+        cls = AccessDenied
+    return cls(message, operation=operation, status=status, code=code)
 
 
 class ObjectClient(Protocol):

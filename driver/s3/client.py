@@ -28,6 +28,7 @@ from driver.config import S3Settings
 from driver.credentials import CredentialError
 from driver.s3 import api, options
 from driver.s3.crt import CrtRequests
+from driver.s3.direct import SMALL_GET, SocketGets
 
 log = structlog.get_logger("pail.s3")
 
@@ -175,15 +176,22 @@ class S3ObjectClient:
         self._session = session or credentials.session(settings.credentials_file)
         self._boto = make_boto_client(settings, region, self._session)
         self._limiter = trio.CapacityLimiter(metadata_threads)
-        # Reads go through awscrt; PAIL_DATA_PATH=boto3 switches them to boto3 in threads,
-        # to compare the two (bench/) and as a fallback should awscrt misbehave somewhere.
+        # Reads go through awscrt, small ranges from a plain-http endpoint over Pail's own
+        # sockets (driver.s3.direct). PAIL_DATA_PATH=crt sends those through awscrt too,
+        # =boto3 every read through boto3 in threads: to compare them (bench/), and as a
+        # fallback should one misbehave somewhere.
         # Uploads go through boto3: as fast here, and awscrt keeps each upload's body in
         # its buffer pool besides ours, which doubled a writer's memory (ARCHITECTURE.md).
         self._uploads = _BotoDataPath(self)
         self._crt: CrtRequests | None = None
         self._data: CrtRequests | _BotoDataPath = self._uploads
-        if os.environ.get("PAIL_DATA_PATH", "crt") != "boto3":
+        self._small: SocketGets | None = None
+        data_path = os.environ.get("PAIL_DATA_PATH", "direct")
+        if data_path != "boto3":
             self._crt = self._data = CrtRequests(settings, region, self._session)
+            if data_path != "crt" and self._crt.scheme == "http":
+                self._small = SocketGets(settings, region, self._session, host=self._crt.host,
+                                         base_path=self._crt.base_path)
 
     # -- boto3, in threads -----------------------------------------------------------------
 
@@ -253,9 +261,11 @@ class S3ObjectClient:
     async def delete_object(self, key: str) -> None:
         await self.call("DeleteObject", key, Key=key)
 
-    # -- object data: awscrt (driver.s3.crt), or boto3 ---------------------------------------
+    # -- object data: small ranges on our sockets (driver.s3.direct), awscrt, or boto3 ---------
 
     async def get_range(self, key: str, start: int, length: int, *, etag: str) -> bytes:
+        if self._small is not None and length <= SMALL_GET:
+            return await self._small.get_range(key, start, length, etag=etag)
         return await self._data.get_range(key, start, length, etag=etag)
 
     async def put_object(self, key: str, data: bytes | memoryview) -> api.ObjectInfo:
@@ -268,6 +278,8 @@ class S3ObjectClient:
         return api.UploadedPart(number, etag, checksum)
 
     async def aclose(self) -> None:
+        if self._small is not None:
+            self._small.close()
         self._data.close()
         self._boto.close()
 

@@ -14,7 +14,6 @@ import dataclasses
 import email.utils
 import io
 import os
-import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -46,9 +45,9 @@ class CrtRequests:
         url = urlsplit(_object_url(settings, region, session, "K"))
         if not url.path.endswith("/K"):
             raise ValueError(f"cannot derive the object URL layout from {url.path!r}")
-        self._scheme = url.scheme
-        self._host = url.netloc
-        self._base_path = url.path[:-1]
+        self.scheme = url.scheme
+        self.host = url.netloc
+        self.base_path = url.path[:-1]
         event_loops = awscrt.io.EventLoopGroup(max(2, min(8, os.cpu_count() or 2)))
         resolver = awscrt.io.DefaultHostResolver(event_loops)
         bootstrap = awscrt.io.ClientBootstrap(event_loops, resolver)
@@ -138,8 +137,8 @@ class CrtRequests:
                     body: bytes | memoryview | None = None) -> dict[str, str]:
         """One S3 request, retried by awscrt, bounded by the request timeout; returns the
         response headers (lower-case names)."""
-        all_headers = [("Host", self._host), *headers, *options.headers(self._settings, operation)]
-        request = awscrt.http.HttpRequest(method, self._base_path + quote(key, safe="/~") + query,
+        all_headers = [("Host", self.host), *headers, *options.headers(self._settings, operation)]
+        request = awscrt.http.HttpRequest(method, self.base_path + quote(key, safe="/~") + query,
                                           awscrt.http.HttpHeaders(all_headers),
                                           io.BytesIO(bytes(body)) if body is not None else None)
         response: dict[str, str] = {}
@@ -214,18 +213,7 @@ def _credentials_from(session: boto3.Session) -> Callable[[], awscrt.auth.AwsCre
 
 def _error_from_crt(exc: awscrt.exceptions.AwsCrtError, key: str, operation: str) -> api.ObjectClientError:
     if isinstance(exc, awscrt.s3.S3ResponseError):
-        status = exc.status_code
-        match = re.search(rb"<Code>([^<]+)</Code>", exc.body or b"")
-        code = match.group(1).decode() if match else None
-        message = f"{operation} {key}: {status} {code or ''}".rstrip()
-        if status == 404:
-            cls = api.NoSuchBucket if code == "NoSuchBucket" else api.NoSuchKey
-            return cls(message, operation=operation, status=status, code=code)
-        if status == 412:
-            return api.PreconditionFailed(message, operation=operation, status=status, code=code)
-        if status in (401, 403):
-            return api.AccessDenied(message, operation=operation, status=status, code=code)
-        return api.ObjectClientError(message, operation=operation, status=status, code=code)
+        return api.error_for_status(operation, key, exc.status_code, exc.body)
     status = _RETRIED_STATUS.get(exc.name)
     if status is not None:
         return api.ObjectClientError(f"{operation} {key}: {status} after retries", operation=operation,

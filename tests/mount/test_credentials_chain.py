@@ -1,7 +1,8 @@
 """Driver-level credentials: `pail mount` without --credentials-file uses the standard AWS
 chain of its environment (IRSA web identity, EKS Pod Identity's container endpoint, static
-keys), and one provider feeds both data paths: awscrt (object reads) and boto3 (listing,
-HEAD, small uploads), so every request is signed with the same keys.
+keys), and one provider feeds every client: Pail's own sockets (small object reads),
+awscrt (larger reads, HEAD, listing) and boto3 (uploads), so every request is signed
+with the same keys.
 
 The server is moto with IAM enforcement (INITIAL_NO_AUTH_ACTION_COUNT=0): a request counts
 only if it is signed by keys moto issued, with a valid signature, and the signer's policy
@@ -102,8 +103,9 @@ def assert_one_signer(proxy: S3Proxy, keys: IssuedKeys) -> None:
     by_op = signers(proxy)
     assert {"GetObject", "ListObjectsV2", "PutObject"} <= set(by_op), by_op.keys()
     agents = {(r.op, r.request_headers.get("User-Agent", "").split("/")[0]) for r in proxy.records()}
-    assert ("GetObject", "CRTS3NativeClient") in agents and ("PutObject", "Boto3") in agents, \
-        f"both clients were used: {agents}"
+    # Pail's own sockets (small ranged GETs), awscrt (listing) and boto3 (uploads)
+    assert {("GetObject", "pail"), ("ListObjectsV2", "CRTS3NativeClient"), ("PutObject", "Boto3")} <= agents, \
+        f"every client was used: {agents}"
     expected = {(keys.access_key_id, keys.session_token)}
     for op, used in by_op.items():
         assert used == expected, f"{op} was signed by {used}, not by the chain's keys"

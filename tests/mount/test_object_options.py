@@ -1,5 +1,5 @@
 """Object options on the wire: each request type carries the options that apply to it,
-whichever client (awscrt or boto3) sends it, as the recording proxy sees them."""
+whichever client (Pail's own sockets, awscrt or boto3) sends it, as the recording proxy sees them."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def exercise(s3, bucket, mount):
 
 
 @pytest.mark.s3_servers("moto")  # SeaweedFS does not take storage classes and SSE
-@pytest.mark.parametrize("data_path", ["crt", "boto3"])
+@pytest.mark.parametrize("data_path", ["direct", "crt", "boto3"])
 def test_every_request_carries_its_options(s3, bucket, proxy, mount_bucket, data_path):
     mount = mount_bucket(bucket, *OPTIONS, endpoint=proxy.endpoint, env={"PAIL_DATA_PATH": data_path})
     exercise(s3, bucket, mount)

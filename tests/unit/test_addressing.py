@@ -14,7 +14,7 @@ from driver.s3.crt import CrtRequests
 def address(settings: S3Settings, region: str = "us-west-2"):
     session = boto3.Session(aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="secret", region_name=region)
     data = CrtRequests(settings, region, session)
-    return data._scheme, data._host, data._base_path
+    return data.scheme, data.host, data.base_path
 
 
 @pytest.mark.parametrize("settings,expected", [

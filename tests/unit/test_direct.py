@@ -1,0 +1,244 @@
+"""Pail's own small GETs (driver.s3.direct) against a scripted HTTP server on 127.0.0.1:
+kept connections, connections the server closed, error answers, answers that are not the
+range asked for, silence and cancellation. Reads through a real mount and S3 server,
+retries and faults included, are tested in tests/mount."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import boto3
+import botocore.credentials
+import pytest
+import trio
+
+from driver.config import S3Settings
+from driver.s3 import api
+from driver.s3.direct import SocketGets
+
+SECRET = "not-a-real-secret-but-kept-out-of-errors"
+ETAG = '"0123456789abcdef"'
+
+
+class ScriptedServer:
+    """Answers the n-th request with the n-th of ``answers``: bytes to send and keep the
+    connection, ("close", bytes) to send and close it, None to close without answering,
+    or ("hang", bytes) to send and then say nothing more."""
+
+    def __init__(self, answers: list) -> None:
+        self.answers = list(answers)
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.port = self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._open: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            self._open.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        with conn:
+            while not self._stop.is_set():
+                while b"\r\n\r\n" not in buf:
+                    try:
+                        chunk = conn.recv(65536)
+                    except OSError:
+                        return
+                    if not chunk:
+                        return
+                    buf += chunk
+                request, _, buf = buf.partition(b"\r\n\r\n")
+                self.requests.append(request)
+                answer = self.answers.pop(0) if self.answers else None
+                if answer is None:
+                    return
+                if isinstance(answer, tuple):
+                    how, data = answer
+                    conn.sendall(data)
+                    if how == "hang":
+                        self._stop.wait()  # until the test ends
+                    return
+                conn.sendall(answer)
+
+    def close(self) -> None:
+        self._stop.set()
+        for conn in self._open:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._thread.join(5)
+        self._listener.close()
+
+
+@pytest.fixture
+def server_with():
+    servers = []
+
+    def start(*answers) -> ScriptedServer:
+        servers.append(ScriptedServer(list(answers)))
+        return servers[-1]
+    yield start
+    for server in servers:
+        server.close()
+
+
+def partial(data: bytes, start: int, total: int = 1000, *, extra: str = "") -> bytes:
+    return (f"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {start}-{start + len(data) - 1}/{total}\r\n"
+            f"Content-Length: {len(data)}\r\n{extra}\r\n").encode() + data
+
+
+def error(status: int, code: str, *, chunked: bool = False) -> bytes:
+    body = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>m</Message></Error>".encode()
+    if chunked:
+        half = len(body) // 2
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:half], body[half:])) + b"0\r\n\r\n"
+        return f"HTTP/1.1 {status} X\r\nTransfer-Encoding: chunked\r\n\r\n".encode() + framed
+    return f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+def gets(port: int, **settings) -> SocketGets:
+    session = boto3.Session(aws_access_key_id="AKIDTEST", aws_secret_access_key=SECRET)
+    s3 = S3Settings(bucket="b", endpoint_url=f"http://127.0.0.1:{port}", **{"max_attempts": 3, **settings})
+    return SocketGets(s3, "us-east-1", session, host=f"127.0.0.1:{port}", base_path="/b/")
+
+
+def run(client: SocketGets, *reads: tuple[int, int]):
+    """The reads one after the other: their data, or the error each raised."""
+    async def main():
+        out = []
+        with trio.fail_after(20):  # a bound for the test, not an expectation of speed
+            for start, length in reads:
+                try:
+                    out.append(await client.get_range("dir/a key", start, length, etag=ETAG))
+                except api.ObjectClientError as exc:
+                    out.append(exc)
+        client.close()
+        return out
+    return trio.run(main)
+
+
+def test_a_range_comes_signed_and_the_connection_is_kept(server_with):
+    server = server_with(partial(b"0123", 10), partial(b"456789", 14))
+    assert run(gets(server.port), (10, 4), (14, 6)) == [b"0123", b"456789"]
+    assert server.connections == 1
+    first = server.requests[0].decode()
+    assert first.startswith("GET /b/dir/a%20key HTTP/1.1\r\n")
+    assert "range: bytes=10-13" in first and f"if-match: {ETAG}" in first and "user-agent: pail" in first
+    assert "authorization: AWS4-HMAC-SHA256 Credential=AKIDTEST/" in first and SECRET not in first
+
+
+def test_a_connection_the_server_closed_after_answering_is_replaced(server_with):
+    server = server_with(("close", partial(b"abc", 0)), partial(b"def", 3))
+    assert run(gets(server.port), (0, 3), (3, 3)) == [b"abc", b"def"]
+    assert server.connections == 2 and len(server.requests) == 2
+
+
+def test_a_kept_connection_closed_as_the_request_arrives_is_not_a_failed_attempt(server_with):
+    # The second request reaches a connection the server then drops without a byte: the
+    # request goes again on a new connection, and the one attempt of max_attempts=1 suffices.
+    server = server_with(partial(b"abc", 0), None, partial(b"def", 3))
+    assert run(gets(server.port, max_attempts=1), (0, 3), (3, 3)) == [b"abc", b"def"]
+    assert server.connections == 2 and len(server.requests) == 3
+
+
+def test_error_answers_in_chunks_or_not_become_the_errors_of_their_code(server_with):
+    server = server_with(error(404, "NoSuchKey", chunked=True), error(412, "PreconditionFailed"),
+                         error(403, "AccessDenied", chunked=True), partial(b"ok", 0))
+    missing, changed, refused, data = run(gets(server.port), (0, 2), (0, 2), (0, 2), (0, 2))
+    assert isinstance(missing, api.NoSuchKey) and missing.status == 404
+    assert isinstance(changed, api.PreconditionFailed) and changed.code == "PreconditionFailed"
+    assert isinstance(refused, api.AccessDenied)
+    assert data == b"ok"
+    assert server.connections == 1  # each error answer was read whole: the connection stayed usable
+
+
+def test_server_errors_are_retried_up_to_max_attempts(server_with):
+    server = server_with(error(503, "SlowDown"), error(500, "InternalError"), partial(b"late", 0),
+                         error(503, "SlowDown"), error(503, "SlowDown"), error(503, "SlowDown"))
+    late, failed = run(gets(server.port), (0, 4), (0, 4))
+    assert late == b"late"
+    assert type(failed) is api.ObjectClientError and failed.status == 503 and failed.code == "SlowDown"
+    assert len(server.requests) == 6
+
+
+@pytest.mark.parametrize("answer", [
+    partial(b"0123", 5),  # another range
+    b"HTTP/1.1 206 Partial Content\r\nContent-Length: 4\r\n\r\n0123",  # no Content-Range
+    b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n0123",  # the whole object, for a range at 4
+    b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 4-7/8\r\nContent-Length: 104857600\r\n\r\n0123",
+    b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
+])
+def test_an_answer_that_is_not_the_range_asked_for_is_an_error(server_with, answer):
+    server = server_with(*[answer] * 3)
+    [failed] = run(gets(server.port), (4, 4))
+    assert isinstance(failed, api.Unreachable)
+    assert len(server.requests) == 3  # retried like any failure, then reported
+
+
+def test_a_silent_server_is_an_error_within_the_request_timeout(server_with):
+    server = server_with(("hang", b""))
+    [failed] = run(gets(server.port, request_timeout=1.0), (0, 4))
+    assert isinstance(failed, api.Unreachable) and "no answer within 1 s" in str(failed)
+
+
+def test_a_read_cancelled_mid_answer_does_not_leave_the_rest_for_the_next(server_with):
+    half = b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-7/8\r\nContent-Length: 8\r\n\r\n0123"
+    server = server_with(("hang", half), partial(b"4567", 4))
+    client = gets(server.port, request_timeout=5.0)
+
+    async def main():
+        with trio.move_on_after(0.5):
+            await client.get_range("k", 0, 8, etag=ETAG)
+            raise AssertionError("half an answer was taken for a whole one")
+        data = await client.get_range("k", 4, 4, etag=ETAG)
+        client.close()
+        return data
+    assert trio.run(main) == b"4567"
+    assert server.connections == 2
+
+
+def test_no_server_is_an_error_naming_the_address_and_not_the_secret():
+    with socket.create_server(("127.0.0.1", 0)) as placeholder:
+        port = placeholder.getsockname()[1]
+    [failed] = run(gets(port, max_attempts=2), (0, 4))
+    assert isinstance(failed, api.Unreachable)
+    assert f"127.0.0.1:{port}" in str(failed) and SECRET not in str(failed)
+
+
+def test_credentials_due_for_a_refresh_are_refreshed_outside_the_loop(server_with):
+    # A refresh may ask STS or read a file: the loop that serves every FUSE request must not wait on it.
+    class Refreshing:
+        threads: list[threading.Thread] = []
+
+        def refresh_needed(self) -> bool:
+            return True
+
+        def get_frozen_credentials(self):
+            self.threads.append(threading.current_thread())
+            return botocore.credentials.ReadOnlyCredentials("AKIDNEW", SECRET, "the-session-token")
+
+    class Session:
+        def get_credentials(self):
+            return Refreshing()
+
+    server = server_with(partial(b"abc", 0))
+    client = SocketGets(S3Settings(bucket="b"), "us-east-1", Session(), host=f"127.0.0.1:{server.port}",
+                        base_path="/b/")
+    assert run(client, (0, 3)) == [b"abc"]
+    assert Refreshing.threads and threading.main_thread() not in Refreshing.threads
+    request = server.requests[0].decode()
+    assert "Credential=AKIDNEW/" in request and "x-amz-security-token: the-session-token" in request
