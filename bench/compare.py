@@ -38,7 +38,9 @@ the test data is uploaded directly, before it starts.
 
 Clients: pail (default options), pail-cache (``--cache DIR --max-cache-size 2GiB``, DIR a
 fresh directory on local disk; only in reread and the random reads, where data is read
-again), s3fs, rclone, rclone-modtime (ls -l only) and raw (bench/peers.py, bench/raw.py).
+again), s3fs, rclone, rclone-modtime (ls -l only) and raw (bench/peers.py, bench/raw.py);
+pail-crt (small ranged GETs through awscrt as before driver.s3.direct; in the read
+workloads) only when named in --clients.
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ from bench.system import (
 )
 from bench.workloads import WORKLOADS
 
-CLIENTS = ("pail", "pail-cache", "s3fs", "rclone", "rclone-modtime", "raw")
+CLIENTS = ("pail", "pail-cache", "pail-crt", "s3fs", "rclone", "rclone-modtime", "raw")
+# pail-crt measures one change (Pail's own small GETs): only when asked for.
+DEFAULT_CLIENTS = tuple(c for c in CLIENTS if c != "pail-crt")
 SCALES = {  # size MiB, list objects, small files, random reads per thread
     "full": (1024, 10_000, 1_000, 400),
     "small": (16, 200, 50, 40),
@@ -248,7 +252,8 @@ def parse(argv: list[str] | None):
     parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="rounds; every client once per round (default 3)")
     parser.add_argument("--only", help=f"comma-separated workloads (default all: {','.join(WORKLOADS)})")
-    parser.add_argument("--clients", help=f"comma-separated clients (default all: {','.join(CLIENTS)})")
+    parser.add_argument("--clients", help=f"comma-separated clients: {','.join(CLIENTS)} "
+                                           f"(default all but pail-crt)")
     parser.add_argument("--scale", choices=SCALES, default="full",
                         help="full: 1 GiB objects, 10,000 to list, 1,000 small files; small: a quick run")
     parser.add_argument("--size-mib", type=int, help="size of each large object")
@@ -266,7 +271,7 @@ def parse(argv: list[str] | None):
     args.small_files = args.small_files or smalls
     args.rand_reads = args.rand_reads or reads
     args.workloads = _pick(parser, args.only, list(WORKLOADS), "workload")
-    args.client_list = _pick(parser, args.clients, list(CLIENTS), "client")
+    args.client_list = _pick(parser, args.clients, list(CLIENTS), "client") if args.clients else list(DEFAULT_CLIENTS)
     if min(args.runs, args.size_mib, args.list_objects, args.small_files, args.rand_reads) <= 0:
         parser.error("counts and sizes must be positive")
     for client in args.client_list:

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from bench.distant import describe as describe_distant
 from bench.workloads import WORKLOADS
 
-CLIENT_LABELS = {"pail": "Pail", "pail-cache": "Pail --cache", "s3fs": "s3fs", "rclone": "rclone",
-                 "rclone-modtime": "rclone --use-server-modtime", "raw": "raw client"}
+CLIENT_LABELS = {"pail": "Pail", "pail-cache": "Pail --cache", "pail-crt": "Pail, awscrt only", "s3fs": "s3fs",
+                 "rclone": "rclone", "rclone-modtime": "rclone --use-server-modtime", "raw": "raw client"}
 PEERS = ("s3fs", "rclone", "raw")
-MOUNT_CLIENTS = ("pail", "pail-cache", "s3fs", "rclone", "rclone-modtime")
+MOUNT_CLIENTS = ("pail", "pail-cache", "pail-crt", "s3fs", "rclone", "rclone-modtime")
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def ratios(result: dict, row: Row) -> dict:
 
     pail, cached = median("pail"), median("pail-cache")
     out = {}
-    for peer in ("s3fs", "rclone", "rclone-modtime", "raw"):
+    for peer in ("pail-crt", "s3fs", "rclone", "rclone-modtime", "raw"):
         other = median(peer)
         if pail is not None and other:
             out[f"pail/{peer}"] = pail / other
@@ -100,6 +100,7 @@ def markdown(result: dict) -> str:
     present = [c for c in CLIENT_LABELS if any(c in w["clients"] for w in result["workloads"].values())]
     has_modtime = "rclone-modtime" in present
     has_cache = "pail-cache" in present
+    has_crt = "pail-crt" in present
     lines = [
         (f"Pail against s3fs-fuse, rclone mount and a raw S3 client on one local SeaweedFS (127.0.0.1), "
          f"{result['date']}: median of {config['runs']} runs (min–max), each on a fresh mount with the page "
@@ -113,8 +114,10 @@ def markdown(result: dict) -> str:
           if config.get("distant") else []),
         "",
         "| workload | unit | better | " + " | ".join(CLIENT_LABELS[c] for c in present)
-        + " | Pail/s3fs | Pail/rclone | Pail/raw |" + (" Pail --cache/Pail | Pail --cache/raw |" if has_cache else ""),
-        "|---|---|---|" + "---:|" * len(present) + "---:|---:|---:|" + ("---:|---:|" if has_cache else ""),
+        + " | Pail/s3fs | Pail/rclone | Pail/raw |" + (" Pail/Pail, awscrt only |" if has_crt else "")
+        + (" Pail --cache/Pail | Pail --cache/raw |" if has_cache else ""),
+        "|---|---|---|" + "---:|" * len(present) + "---:|---:|---:|" + ("---:|" if has_crt else "")
+        + ("---:|---:|" if has_cache else ""),
     ]
     for row in rows(list(result["workloads"])):
         clients = result["workloads"][row.workload]["clients"]
@@ -132,6 +135,8 @@ def markdown(result: dict) -> str:
         rclone = r.get("pail/rclone-modtime") if row.workload == "list" and has_modtime else r.get("pail/rclone")
         mark = "¹" if row.workload == "list" and has_modtime and rclone is not None else ""
         ratio_cells = [_fmt(r.get("pail/s3fs")), _fmt(rclone) + mark, _fmt(r.get("pail/raw"))]
+        if has_crt:
+            ratio_cells.append(_fmt(r.get("pail/pail-crt")))
         if has_cache:
             ratio_cells += [_fmt(r.get("pail-cache/pail")), _fmt(r.get("pail-cache/raw"))]
         lines.append(f"| {_labels(row, config)} | {row.unit} | {row.better} | " + " | ".join(cells) + " | "
@@ -249,7 +254,7 @@ def chart(result: dict, path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"pail": "#2a7ab0", "pail-cache": "#7fb6dd", "s3fs": "#e08a2c", "rclone": "#4d9e4d",
+    colors = {"pail": "#2a7ab0", "pail-cache": "#7fb6dd", "pail-crt": "#1d4f72", "s3fs": "#e08a2c", "rclone": "#4d9e4d",
               "rclone-modtime": "#96c996", "raw": "#888888"}
     panels = []
     for row in rows(list(result["workloads"])):

@@ -154,6 +154,31 @@ def test_compare_benchmark_runs_end_to_end(tmp_path):
     assert "| reread 8 MiB object: epoch 2 (page cache dropped) | MB/s | higher |" in table
 
 
+def test_compare_measures_pail_without_its_own_small_gets_only_when_asked(tmp_path, monkeypatch):
+    from bench import compare
+    monkeypatch.setattr(compare.peers, "available", lambda client: None)  # s3fs and rclone need not be here
+    default = compare.parse([]).client_list
+    assert "pail" in default and "pail-crt" not in default
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.compare", "--scale", "small", "--size-mib", "8", "--runs", "1",
+         "--rand-reads", "16", "--only", "rand_read_1t", "--clients", "pail,pail-crt", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "compare.json").read_text())
+    clients = report["workloads"]["rand_read_1t"]["clients"]
+    assert set(clients) == {"pail", "pail-crt"}
+    for name, client in clients.items():
+        [run] = client["runs"]
+        assert "error" not in run and run["bytes"] == 16 * 256 * 1024, (name, run)
+        assert run["pail_counters"]["s3_requests"]["GetObject"] >= 1, name
+    medians = [clients[c]["summaries"]["mb_s"]["median"] for c in ("pail", "pail-crt")]
+    assert report["ratios"]["rand_read_1t"]["pail/pail-crt"] == medians[0] / medians[1]
+    table = (tmp_path / "compare.md").read_text()
+    assert "| workload | unit | better | Pail | Pail, awscrt only |" in table and "| Pail/Pail, awscrt only |" in table
+    ratio = report["ratios"]["rand_read_1t"]["pail/pail-crt"]
+    assert f"| {ratio:.2f} |" in table
+
+
 def test_compare_through_the_distant_relay_reads_every_byte(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "bench.compare", "--scale", "small", "--size-mib", "8", "--runs", "1",
