@@ -93,7 +93,7 @@ class SocketGets:
             headers = self._signer.sign("GET", path, "", headers, await self._credentials())
         request = (f"GET {path} HTTP/1.1\r\n" + "".join(f"{name}: {value}\r\n" for name, value in headers.items())
                    + "\r\n").encode("latin-1")
-        # Bounded: each turn either takes a kept connection off the list or opens a new one.
+        # At most two turns: a kept connection, then (if the server had closed it) a new one.
         while True:
             reused = self._kept()
             sock = reused or await self._connect()
@@ -104,7 +104,10 @@ class SocketGets:
             except (OSError, _Broken) as exc:
                 sock.close()
                 if reused is not None and reader.received == 0:
-                    continue  # the server had closed it before our request arrived
+                    # The server had closed it before our request arrived, and likely the
+                    # other kept ones too (a restart, an idle timeout): send on a new one.
+                    self.close()
+                    continue
                 raise _Broken(str(exc) or type(exc).__name__) from None
             except BaseException:  # cancelled mid-answer: the rest would be read as the next one
                 sock.close()

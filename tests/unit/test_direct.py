@@ -5,6 +5,7 @@ retries and faults included, are tested in tests/mount."""
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 
@@ -242,3 +243,21 @@ def test_credentials_due_for_a_refresh_are_refreshed_outside_the_loop(server_wit
     assert Refreshing.threads and threading.main_thread() not in Refreshing.threads
     request = server.requests[0].decode()
     assert "Credential=AKIDNEW/" in request and "x-amz-security-token: the-session-token" in request
+
+
+def test_after_one_kept_connection_proves_closed_the_others_are_not_tried(server_with):
+    # Three kept connections the server then drops as requests arrive (a restarted server):
+    # one is tried, then a new connection; an attempt never walks the whole pool.
+    server = server_with(*[partial(b"abc", 0)] * 3)
+    client = gets(server.port, max_attempts=1)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(functools.partial(client.get_range, "k", 0, 3, etag=ETAG))
+        with pytest.raises(api.Unreachable):
+            await client.get_range("k", 0, 3, etag=ETAG)
+        client.close()
+    trio.run(main)
+    assert server.connections == 4
+    assert len(server.requests) == 3 + 2
