@@ -171,7 +171,10 @@ def _asked_range(code: int, answer: dict[str, str], body: bytes, start: int, len
     """The body, if it is the range asked for (S3 shortens a range past the object's end)."""
     if code == 206:
         match = _CONTENT_RANGE.fullmatch(answer.get("content-range", ""))
-        if match is None or int(match[1]) != start or int(match[2]) - start + 1 != len(body):
+        last = int(match[2]) if match else -1
+        at_the_end = match is not None and match[3] != "*" and last == int(match[3]) - 1
+        if (match is None or int(match[1]) != start or last - start + 1 != len(body)
+                or (last != start + length - 1 and not at_the_end)):
             raise _Broken(f"a 206 answer without the range asked for ({answer.get('content-range')!r})")
     elif start != 0:  # a 200 is the whole object: the asked range only if it starts at 0
         raise _Broken("a 200 answer to a ranged GET")

@@ -132,6 +132,11 @@ def run(client: SocketGets, *reads: tuple[int, int]):
     return trio.run(main)
 
 
+def test_a_range_past_the_objects_end_comes_shortened(server_with):
+    server = server_with(partial(b"89", 8, total=10))
+    assert run(gets(server.port), (8, 4)) == [b"89"]
+
+
 def test_a_range_comes_signed_and_the_connection_is_kept(server_with):
     server = server_with(partial(b"0123", 10), partial(b"456789", 14))
     assert run(gets(server.port), (10, 4), (14, 6)) == [b"0123", b"456789"]
@@ -178,6 +183,7 @@ def test_server_errors_are_retried_up_to_max_attempts(server_with):
 
 @pytest.mark.parametrize("answer", [
     partial(b"0123", 5),  # another range
+    partial(b"01", 4),  # shorter than asked, not at the object's end
     b"HTTP/1.1 206 Partial Content\r\nContent-Length: 4\r\n\r\n0123",  # no Content-Range
     b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n0123",  # the whole object, for a range at 4
     b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 4-7/8\r\nContent-Length: 104857600\r\n\r\n0123",
