@@ -19,6 +19,8 @@ import os
 import random
 import re
 import socket
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import quote, urlsplit
 
 import boto3
@@ -34,6 +36,7 @@ MAX_IDLE = 16
 _HEAD_LIMIT = 64 * 1024
 _ERROR_BODY_LIMIT = 64 * 1024  # an S3 error answer is a short XML document
 _RETRIED_STATUS = {500, 502, 503, 504}
+T = TypeVar("T")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
@@ -305,17 +308,17 @@ async def _send_all(sock: socket.socket, data: bytes) -> None:
             await trio.lowlevel.wait_writable(sock)
 
 
-async def _recv(sock: socket.socket, size: int) -> bytes:
+async def _when_readable(sock: socket.socket, receive: Callable[[], T]) -> T:
     while True:
         try:
-            return sock.recv(size)
+            return receive()
         except BlockingIOError:
             await trio.lowlevel.wait_readable(sock)
+
+
+async def _recv(sock: socket.socket, size: int) -> bytes:
+    return await _when_readable(sock, lambda: sock.recv(size))
 
 
 async def _recv_into(sock: socket.socket, view: memoryview) -> int:
-    while True:
-        try:
-            return sock.recv_into(view)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
+    return await _when_readable(sock, lambda: sock.recv_into(view))
