@@ -103,17 +103,22 @@ def test_seq_write_benchmark_runs_end_to_end(tmp_path):
     assert (tmp_path / "seq_write.md").read_text().count("| Pail mount") == 1
 
 
+def run_compare(tmp_path, *args: str) -> dict:
+    """A tiny run of bench.compare (8 MiB objects, one round); its JSON report."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.compare", "--scale", "small", "--size-mib", "8", "--runs", "1", *args,
+         "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((tmp_path / "compare.json").read_text())
+
+
 def test_compare_benchmark_runs_end_to_end(tmp_path):
     """Two tiny workloads of the comparative benchmark, Pail and the raw client only (s3fs
     and rclone are not test dependencies; the PNG is written only where matplotlib is),
     plus Pail with --cache, which runs only in reread: the object read twice on one mount,
     the page cache dropped in between."""
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.compare", "--scale", "small", "--size-mib", "8", "--runs", "1",
-         "--only", "seq_read,reread", "--clients", "pail,pail-cache,raw", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL, check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads((tmp_path / "compare.json").read_text())
+    report = run_compare(tmp_path, "--only", "seq_read,reread", "--clients", "pail,pail-cache,raw")
     assert list(report["workloads"]) == ["seq_read", "reread"]
     clients = report["workloads"]["seq_read"]["clients"]
     assert set(clients) == {"pail", "raw"}  # pail-cache only where data is read again
@@ -159,12 +164,7 @@ def test_compare_measures_pail_without_its_own_small_gets_only_when_asked(tmp_pa
     monkeypatch.setattr(compare.peers, "available", lambda client: None)  # s3fs and rclone need not be here
     default = compare.parse([]).client_list
     assert "pail" in default and "pail-crt" not in default
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.compare", "--scale", "small", "--size-mib", "8", "--runs", "1",
-         "--rand-reads", "16", "--only", "rand_read_1t", "--clients", "pail,pail-crt", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL, check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads((tmp_path / "compare.json").read_text())
+    report = run_compare(tmp_path, "--rand-reads", "16", "--only", "rand_read_1t", "--clients", "pail,pail-crt")
     clients = report["workloads"]["rand_read_1t"]["clients"]
     assert set(clients) == {"pail", "pail-crt"}
     for name, client in clients.items():
@@ -180,12 +180,7 @@ def test_compare_measures_pail_without_its_own_small_gets_only_when_asked(tmp_pa
 
 
 def test_compare_through_the_distant_relay_reads_every_byte(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.compare", "--scale", "small", "--size-mib", "8", "--runs", "1",
-         "--only", "seq_read", "--clients", "pail,raw", "--latency-ms", "100", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL, check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads((tmp_path / "compare.json").read_text())
+    report = run_compare(tmp_path, "--only", "seq_read", "--clients", "pail,raw", "--latency-ms", "100")
     assert report["config"]["distant"] == {"latency_ms": 100.0, "connection_mbs": 0.0}
     for name, client in report["workloads"]["seq_read"]["clients"].items():
         [run] = client["runs"]
