@@ -188,6 +188,8 @@ def test_server_errors_are_retried_up_to_max_attempts(server_with):
     b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n0123",  # the whole object, for a range at 4
     b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 4-7/8\r\nContent-Length: 104857600\r\n\r\n0123",
     b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
+    b"HTTP/1.1 206 Partial Content\r\nX-Padding: " + b"x" * 70_000,  # headers with no end in sight
+    b"HTTP/1.1 503 Slow Down\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # a chunk size that is not hex
 ])
 def test_an_answer_that_is_not_the_range_asked_for_is_an_error(server_with, answer):
     server = server_with(*[answer] * 3)
@@ -267,3 +269,23 @@ def test_after_one_kept_connection_proves_closed_the_others_are_not_tried(server
     trio.run(main)
     assert server.connections == 4
     assert len(server.requests) == 3 + 2
+
+
+def test_an_answer_without_a_length_ends_with_its_connection(server_with):
+    server = server_with(("close", b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 4-7/8\r\n\r\n4567"),
+                         partial(b"0123", 0))
+    assert run(gets(server.port), (4, 4), (0, 4)) == [b"4567", b"0123"]
+    assert server.connections == 2  # the first could not be kept: its end was its body's
+
+
+def test_no_credentials_is_an_error_and_sends_nothing(server_with):
+    class Session:
+        def get_credentials(self):
+            return None
+
+    server = server_with(partial(b"abc", 0))
+    client = SocketGets(S3Settings(bucket="b", max_attempts=2), "us-east-1", Session(),
+                        host=f"127.0.0.1:{server.port}", base_path="/b/")
+    [failed] = run(client, (0, 3))
+    assert isinstance(failed, api.Unreachable) and "no AWS credentials found" in str(failed)
+    assert server.requests == []
