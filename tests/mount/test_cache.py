@@ -33,7 +33,8 @@ def fetched(proxy) -> int:
 
 
 def cache_files(cache) -> list:
-    return [p for p in (cache / "pail-cache").rglob("*") if p.is_file()]
+    """The files the cache has written; not the temporaries (.new) a write renames into place."""
+    return [p for p in (cache / "pail-cache").rglob("*") if p.is_file() and p.suffix != ".new"]
 
 
 def disk_use(cache) -> int:
@@ -116,6 +117,9 @@ def test_a_damaged_block_is_read_from_s3_again(s3, bucket, proxy, mount_bucket, 
     cache = tmp_path / "cache"
     mount = mount_bucket(bucket, "--cache", str(cache), endpoint=proxy.endpoint)
     assert read_all(mount.path / "f") == data
+    deadline = time.monotonic() + 10  # the cache writes in the background
+    while len(cache_files(cache)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
     block = sorted(cache_files(cache), key=lambda p: p.name)[2]
     with open(block, "r+b") as f:
         f.seek(100_000)
