@@ -27,6 +27,7 @@ from driver.config import (
     SSE_MODES,
     MountConfig,
     S3Settings,
+    data_path,
     normalize_prefix,
     parse_id,
     parse_mode,
@@ -192,6 +193,7 @@ def parse_mount_options(bucket: str, directory: str, options: Sequence[str]) -> 
 
 def config_from_args(args: argparse.Namespace) -> MountConfig:
     """Validate every option; ConfigError names the one that is wrong."""
+    data_path()
     if args.endpoint_url:
         parts = urlsplit(args.endpoint_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:

@@ -8,6 +8,7 @@ input with the same message.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -26,6 +27,11 @@ DEFAULT_METADATA_TTL = 1.0
 MIN_WRITE_PART_SIZE = 1 * KiB
 MAX_WRITE_PART_SIZE = 5 * 1024 * MiB
 
+# How reads reach S3 (driver.s3.client): a knob for comparing the paths (bench/) and a
+# fallback, read from the mount process's environment rather than offered as an option.
+DATA_PATH_ENV = "PAIL_DATA_PATH"
+DATA_PATHS = ("direct", "crt", "boto3")
+
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,253}[a-z0-9]$")
 _ACCESS_POINT_ARN = re.compile(r"^arn:aws[a-zA-Z-]*:s3(-object-lambda|-outposts)?:[a-z0-9-]*:\d{12}:\S+$")
 
@@ -37,6 +43,14 @@ class ConfigError(ValueError):
         super().__init__(f"{option}: {message}")
         self.option = option
         self.message = message
+
+
+def data_path() -> str:
+    """PAIL_DATA_PATH, default ``direct``; anything else is refused rather than ignored."""
+    value = os.environ.get(DATA_PATH_ENV) or DATA_PATHS[0]
+    if value not in DATA_PATHS:
+        raise ConfigError(DATA_PATH_ENV, f"expected one of {', '.join(DATA_PATHS)}, not {value!r}")
+    return value
 
 
 def parse_ttl(text: str, option: str = "--metadata-ttl") -> float:

@@ -10,7 +10,6 @@ Both use one credential source: boto3's provider chain, read by awscrt through a
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from typing import Any
@@ -23,7 +22,7 @@ import trio
 from botocore import UNSIGNED
 from botocore.retries import standard as standard_retries
 
-from driver import credentials, metrics
+from driver import config, credentials, metrics
 from driver.config import S3Settings
 from driver.credentials import CredentialError
 from driver.s3 import api, options
@@ -186,7 +185,7 @@ class S3ObjectClient:
         self._crt: CrtRequests | None = None
         self._data: CrtRequests | _BotoDataPath = self._uploads
         self._small: SocketGets | None = None
-        data_path = os.environ.get("PAIL_DATA_PATH", "direct")
+        data_path = config.data_path()
         if data_path != "boto3":
             self._crt = self._data = CrtRequests(settings, region, self._session)
             if data_path != "crt" and self._crt.scheme == "http":

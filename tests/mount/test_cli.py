@@ -185,6 +185,14 @@ def test_bad_options_name_the_option(s3_server, bucket, mountpoint, options, nam
     assert_nothing_left(mountpoint)
 
 
+def test_an_unknown_data_path_is_refused_by_name(s3_server, bucket, mountpoint):
+    env = {**s3_server.env(), "PAIL_DATA_PATH": "fastest"}
+    result = pail_cli("mount", bucket, str(mountpoint), "--endpoint-url", s3_server.endpoint, env=env)
+    assert result.returncode == 2
+    assert "PAIL_DATA_PATH: expected one of direct, crt, boto3, not 'fastest'" in result.stderr
+    assert_nothing_left(mountpoint)
+
+
 @pytest.mark.s3_servers("moto")
 def test_bad_bucket_name(s3_server, mountpoint):
     result = pail_cli("mount", "Not_A_Bucket!", str(mountpoint), "--endpoint-url", s3_server.endpoint,
