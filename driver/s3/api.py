@@ -88,7 +88,7 @@ class Unreachable(ObjectClientError):
     """No answer: connection refused, reset or timed out after the retries."""
 
 
-def error_for_status(operation: str, key: str, status: int, body: bytes | None) -> ObjectClientError:
+def error_for_status(operation: str, key: str, status: int, body: bytes | bytearray | None) -> ObjectClientError:
     """The error for an S3 error answer: its status and the <Code> of its XML body."""
     match = re.search(rb"<Code>([^<]+)</Code>", body or b"")
     code = match.group(1).decode(errors="replace") if match else None
@@ -125,8 +125,9 @@ class ObjectClient(Protocol):
     ) -> ListPage:
         """One ListObjectsV2 page."""
 
-    async def get_range(self, key: str, start: int, length: int, *, etag: str) -> bytes:
-        """Bytes [start, start + length) of the object, only if its ETag is still ``etag``.
+    async def get_range(self, key: str, start: int, length: int, *, etag: str) -> bytes | bytearray:
+        """Bytes [start, start + length) of the object, only if its ETag is still ``etag``
+        (a bytearray where that saves a copy: callers only read it).
 
         Raise PreconditionFailed when the object changed, NoSuchKey when it is gone.
         May return fewer bytes only at the end of the object.

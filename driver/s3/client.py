@@ -262,7 +262,7 @@ class S3ObjectClient:
 
     # -- object data: small ranges on our sockets (driver.s3.direct), awscrt, or boto3 ---------
 
-    async def get_range(self, key: str, start: int, length: int, *, etag: str) -> bytes:
+    async def get_range(self, key: str, start: int, length: int, *, etag: str) -> bytes | bytearray:
         if self._small is not None and length <= SMALL_GET:
             return await self._small.get_range(key, start, length, etag=etag)
         return await self._data.get_range(key, start, length, etag=etag)

@@ -62,7 +62,7 @@ class SocketGets:
                        **{name.lower(): value for name, value in options.headers(settings, "GetObject")}}
         self._idle: list[socket.socket] = []
 
-    async def get_range(self, key: str, start: int, length: int, *, etag: str) -> bytes:
+    async def get_range(self, key: str, start: int, length: int, *, etag: str) -> bytes | bytearray:
         path = self._base_path + quote(key, safe="/~")
         headers = {"host": self._host, "range": f"bytes={start}-{start + length - 1}", "if-match": etag,
                    **self._extra}
@@ -91,7 +91,8 @@ class SocketGets:
         while self._idle:
             self._idle.pop().close()
 
-    async def _exchange(self, path: str, headers: dict[str, str], length: int) -> tuple[int, dict[str, str], bytes]:
+    async def _exchange(self, path: str, headers: dict[str, str],
+                        length: int) -> tuple[int, dict[str, str], bytes | bytearray]:
         if self._signer is not None:
             headers = self._signer.sign("GET", path, "", headers, await self._credentials())
         request = (f"GET {path} HTTP/1.1\r\n" + "".join(f"{name}: {value}\r\n" for name, value in headers.items())
@@ -170,7 +171,8 @@ class SocketGets:
         return sigv4.Credentials(frozen.access_key, frozen.secret_key, frozen.token)
 
 
-def _asked_range(code: int, answer: dict[str, str], body: bytes, start: int, length: int) -> bytes:
+def _asked_range(code: int, answer: dict[str, str], body: bytes | bytearray, start: int,
+                 length: int) -> bytes | bytearray:
     """The body, if it is the range asked for (S3 shortens a range past the object's end)."""
     if code == 206:
         match = _CONTENT_RANGE.fullmatch(answer.get("content-range", ""))
@@ -192,7 +194,7 @@ class _Reader:
         self._buf = bytearray()
         self.received = 0
 
-    async def answer(self, length: int) -> tuple[int, dict[str, str], bytes, bool]:
+    async def answer(self, length: int) -> tuple[int, dict[str, str], bytes | bytearray, bool]:
         """Status, headers (lower-case names), body, and whether the connection can be kept."""
         while (end := self._buf.find(b"\r\n\r\n")) < 0:
             if len(self._buf) > _HEAD_LIMIT:
@@ -232,7 +234,9 @@ class _Reader:
         self.received += len(chunk)
         self._buf += chunk
 
-    async def _exactly(self, size: int) -> bytes:
+    async def _exactly(self, size: int) -> bytearray:
+        """The next ``size`` bytes, received into the buffer that is returned: a body is
+        copied once, from the kernel (a ``bytes`` of it would be a second copy)."""
         body = bytearray(size)
         have = min(size, len(self._buf))
         body[:have] = self._buf[:have]
@@ -244,7 +248,7 @@ class _Reader:
                 raise _Broken("connection closed before the whole answer")
             self.received += n
             have += n
-        return bytes(body)
+        return body
 
     async def _line(self) -> bytes:
         while (end := self._buf.find(b"\r\n")) < 0:
