@@ -228,6 +228,19 @@ def test_no_server_is_an_error_naming_the_address_and_not_the_secret():
     assert f"127.0.0.1:{port}" in str(failed) and SECRET not in str(failed)
 
 
+def test_a_connection_never_accepted_is_an_error_after_the_connect_timeout():
+    # A listener whose one-place accept queue is taken drops further SYNs, as a firewalled
+    # address does: connect() neither succeeds nor fails.
+    with socket.socket() as listener, socket.socket() as queued:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        queued.connect(("127.0.0.1", port))
+        [failed] = run(gets(port, connect_timeout=0.3, request_timeout=10.0, max_attempts=2), (0, 4))
+    assert isinstance(failed, api.Unreachable)
+    assert f"no connection to 127.0.0.1:{port} within 0.3 s" in str(failed)
+
+
 def test_credentials_due_for_a_refresh_are_refreshed_outside_the_loop(server_with):
     # A refresh may ask STS or read a file: the loop that serves every FUSE request must not wait on it.
     class Refreshing:
