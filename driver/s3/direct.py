@@ -164,10 +164,14 @@ class SocketGets:
         if found is None:
             raise _Broken("no AWS credentials found")
         refresh_needed = getattr(found, "refresh_needed", None)
-        if refresh_needed is not None and refresh_needed():
-            frozen = await trio.to_thread.run_sync(found.get_frozen_credentials)  # may ask STS: not in the loop
-        else:
-            frozen = found.get_frozen_credentials()
+        try:
+            if refresh_needed is not None and refresh_needed():
+                frozen = await trio.to_thread.run_sync(found.get_frozen_credentials)  # may ask STS: not in the loop
+            else:
+                frozen = found.get_frozen_credentials()
+        except Exception as exc:  # expired, and STS or the file failed: botocore's error, a failed attempt
+            # Its name only: botocore's messages are not ours to vouch for as free of secrets.
+            raise _Broken(f"credentials could not be refreshed ({type(exc).__name__})") from None
         return sigv4.Credentials(frozen.access_key, frozen.secret_key, frozen.token)
 
 

@@ -11,6 +11,7 @@ import threading
 
 import boto3
 import botocore.credentials
+import botocore.exceptions
 import pytest
 import trio
 
@@ -264,6 +265,29 @@ def test_credentials_due_for_a_refresh_are_refreshed_outside_the_loop(server_wit
     assert Refreshing.threads and threading.main_thread() not in Refreshing.threads
     request = server.requests[0].decode()
     assert "Credential=AKIDNEW/" in request and "x-amz-security-token: the-session-token" in request
+
+
+def test_credentials_that_cannot_be_refreshed_are_an_error_of_the_read_and_nothing_is_sent(server_with):
+    # Expired, and STS (or the credentials file) failing: botocore raises its own error,
+    # which must end this read with an ObjectClientError, not escape into the mount's loop.
+    def refresh():
+        raise botocore.exceptions.CredentialRetrievalError(provider="sts", error_msg="STS is down")
+
+    expired = botocore.credentials.RefreshableCredentials.create_from_metadata(
+        {"access_key": "AKIDOLD", "secret_key": SECRET, "token": "t", "expiry_time": "2020-01-01T00:00:00Z"},
+        refresh_using=refresh, method="sts-assume-role")
+
+    class Session:
+        def get_credentials(self):
+            return expired
+
+    server = server_with(partial(b"abc", 0))
+    client = SocketGets(S3Settings(bucket="b", max_attempts=2), "us-east-1", Session(),
+                        host=f"127.0.0.1:{server.port}", base_path="/b/")
+    [failed] = run(client, (0, 3))
+    assert isinstance(failed, api.Unreachable)
+    assert "credentials could not be refreshed (CredentialRetrievalError)" in str(failed)
+    assert SECRET not in str(failed) and server.requests == []
 
 
 def test_after_one_kept_connection_proves_closed_the_others_are_not_tried(server_with):
