@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from driver.fs.errors import FsError, from_store
+from driver.fs.errors import FsError, from_store, unexpected
 from driver.fs.inode import Inode, InodeTable, Kind
 from driver.fs.listing import DirectoryListing, Entry
 from driver.s3.api import ObjectClient, ObjectClientError
@@ -323,6 +323,8 @@ class Directories:
             self._cache(parent, entries, deadline)
         except ObjectClientError as exc:
             relisting.finish(error=from_store(exc, during="lookup"))
+        except Exception as exc:
+            relisting.finish(error=unexpected(exc, during="lookup", key=parent.key))
         finally:
             if self._relistings.get(parent.ino) is relisting:
                 del self._relistings[parent.ino]

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import errno
 
+import structlog
+
 from driver.s3 import api
+
+log = structlog.get_logger("pail.fs")
 
 
 class FsError(Exception):
@@ -36,3 +40,11 @@ def from_store(exc: api.ObjectClientError, *, during: str) -> FsError:
     # resets: the application cannot tell these apart usefully, and EIO is what a disk
     # gives for "the device failed". The log line carries the S3 status and code.
     return FsError(errno.EIO, f"S3 request failed during {during}: {exc}", **fields)
+
+
+def unexpected(exc: Exception, *, during: str, **fields: object) -> FsError:
+    """EIO for a failure that is not an answer of S3's (a library's error we do not map, or
+    a bug of ours) in work the mount does in the background: the one read, write or lookup
+    fails, logged with its traceback, rather than the loop that serves the whole mount."""
+    log.error("failed unexpectedly", op=during, exc_info=exc, **fields)
+    return FsError(errno.EIO, f"unexpected {type(exc).__name__} during {during}", **fields)

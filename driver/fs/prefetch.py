@@ -28,7 +28,7 @@ import structlog
 import trio
 
 from driver import metrics
-from driver.fs.errors import FsError, from_store
+from driver.fs.errors import FsError, from_store, unexpected
 from driver.fs.parts import part_size, request_unit
 from driver.s3.api import ObjectClient, ObjectClientError
 
@@ -93,6 +93,8 @@ async def fetch(chunk: Chunk, client: ObjectClient, key: str, etag: str, budget:
             log.log(logging.INFO if chunk.speculative else logging.WARNING, "read failed", op="read", key=key,
                     start=chunk.start, end=chunk.end, errno=chunk.error.errno, speculative=chunk.speculative,
                     **exc.log_fields())
+        except Exception as exc:
+            chunk.error = unexpected(exc, during="read", key=key, start=chunk.start, end=chunk.end)
     if not chunk.cancelled:
         delivered = len(chunk.data)
         budget.release(chunk.reserved - delivered)

@@ -16,7 +16,7 @@ import time
 import structlog
 import trio
 
-from driver.fs.errors import FsError, from_store
+from driver.fs.errors import FsError, from_store, unexpected
 from driver.s3.api import MAX_PARTS, ObjectClient, ObjectClientError, ObjectInfo, UploadedPart
 
 log = structlog.get_logger("pail.upload")
@@ -149,6 +149,9 @@ class Upload:
             if self._error is None:
                 self._error = from_store(exc, during="write")
                 self._log_failure(exc, part=number)
+        except Exception as exc:
+            if self._error is None:
+                self._error = unexpected(exc, during="write", key=self.key, part=number)
         finally:
             self._slots.release()
             self._outstanding -= 1

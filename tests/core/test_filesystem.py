@@ -316,6 +316,49 @@ def test_a_failed_relisting_is_the_lookups_error():
     assert later.size == 1  # the next lookup asks again
 
 
+def fail_once_unexpectedly(client, method: str) -> None:
+    """The next call of ``method`` raises what no S3 client error handler expects."""
+    original = getattr(client, method)
+
+    async def failing(*args, **kwargs):
+        setattr(client, method, original)
+        raise RuntimeError("a library bug")
+    setattr(client, method, failing)
+
+
+def test_an_unexpected_error_in_a_read_is_eio_and_the_mount_carries_on():
+    client = MemoryClient()
+    client.put("f", bytes(range(256)) * 4096)  # 1 MiB
+
+    async def body(fs):
+        f = await fs.lookup(ROOT_INODE, "f")
+        fh, _ = await fs.open(f.ino, os.O_RDONLY)
+        fail_once_unexpectedly(client, "get_range")
+        with pytest.raises(FsError) as excinfo:
+            await fs.read(fh, 0, 4096)
+        later = await fs.read(fh, 512 * 1024, 4096)  # elsewhere: the failed range is held a second
+        return errno_of(excinfo), later
+
+    code, later = run(client, body)
+    assert code == errno.EIO
+    assert later == (bytes(range(256)) * 16)
+
+
+def test_an_unexpected_error_in_a_relisting_is_the_lookups_eio():
+    client = MemoryClient()
+
+    async def body(fs):
+        d = await _two_lookups_after_the_ttl(fs, client, 5)
+        fail_once_unexpectedly(client, "list_objects")
+        with pytest.raises(FsError) as excinfo:
+            await fs.lookup(d.ino, "f2")
+        return errno_of(excinfo), await fs.lookup(d.ino, "f3")
+
+    code, later = run(client, body, metadata_ttl=TTL)
+    assert code == errno.EIO
+    assert later.size == 1
+
+
 def test_a_directory_changed_by_this_mount_while_relisted_answers_from_s3():
     client = MemoryClient(latency=0.01)
 

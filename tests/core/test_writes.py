@@ -171,6 +171,31 @@ def test_a_failed_upload_is_eio_at_close_and_leaves_nothing(failing):
     assert client.uploads == {}, "the multipart upload was aborted"
 
 
+def test_an_unexpected_error_uploading_a_part_is_eio_at_close_and_leaves_nothing():
+    client = store()
+    original = client.upload_part
+
+    async def failing(*args, **kwargs):
+        client.upload_part = original
+        raise RuntimeError("a library bug")
+    client.upload_part = failing
+
+    async def body(fs):
+        inode, fh = await fs.create(ROOT_INODE, "f", NEW)
+        codes = []
+        try:
+            for offset in range(0, 4 * PART, 256):
+                await fs.write(fh, offset, b"w" * 256)
+            await fs.flush(fh, opener_done=True)
+        except FsError as exc:
+            codes.append(exc.errno)
+        await fs.release(fh)
+        return codes
+
+    assert run(client, body, metadata_ttl=0) == [errno.EIO]
+    assert "f" not in client._data and client.uploads == {}
+
+
 def test_only_the_openers_last_close_completes():
     client = store()
 
