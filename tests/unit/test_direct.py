@@ -118,6 +118,15 @@ def gets(port: int, **settings) -> SocketGets:
     return SocketGets(s3, "us-east-1", session, host=f"127.0.0.1:{port}", base_path="/b/")
 
 
+def gets_with(port: int, credentials, **settings) -> SocketGets:
+    """SocketGets whose session gives ``credentials`` (None: none found)."""
+    class Session:
+        def get_credentials(self):
+            return credentials
+    return SocketGets(S3Settings(bucket="b", **settings), "us-east-1", Session(), host=f"127.0.0.1:{port}",
+                      base_path="/b/")
+
+
 def run(client: SocketGets, *reads: tuple[int, int]):
     """The reads one after the other: their data, or the error each raised."""
     async def main():
@@ -254,14 +263,8 @@ def test_credentials_due_for_a_refresh_are_refreshed_outside_the_loop(server_wit
             self.threads.append(threading.current_thread())
             return botocore.credentials.ReadOnlyCredentials("AKIDNEW", SECRET, "the-session-token")
 
-    class Session:
-        def get_credentials(self):
-            return Refreshing()
-
     server = server_with(partial(b"abc", 0))
-    client = SocketGets(S3Settings(bucket="b"), "us-east-1", Session(), host=f"127.0.0.1:{server.port}",
-                        base_path="/b/")
-    assert run(client, (0, 3)) == [b"abc"]
+    assert run(gets_with(server.port, Refreshing()), (0, 3)) == [b"abc"]
     assert Refreshing.threads and threading.main_thread() not in Refreshing.threads
     request = server.requests[0].decode()
     assert "Credential=AKIDNEW/" in request and "x-amz-security-token: the-session-token" in request
@@ -277,14 +280,8 @@ def test_credentials_that_cannot_be_refreshed_are_an_error_of_the_read_and_nothi
         {"access_key": "AKIDOLD", "secret_key": SECRET, "token": "t", "expiry_time": "2020-01-01T00:00:00Z"},
         refresh_using=refresh, method="sts-assume-role")
 
-    class Session:
-        def get_credentials(self):
-            return expired
-
     server = server_with(partial(b"abc", 0))
-    client = SocketGets(S3Settings(bucket="b", max_attempts=2), "us-east-1", Session(),
-                        host=f"127.0.0.1:{server.port}", base_path="/b/")
-    [failed] = run(client, (0, 3))
+    [failed] = run(gets_with(server.port, expired, max_attempts=2), (0, 3))
     assert isinstance(failed, api.Unreachable)
     assert "credentials could not be refreshed (CredentialRetrievalError)" in str(failed)
     assert SECRET not in str(failed) and server.requests == []
@@ -316,13 +313,7 @@ def test_an_answer_without_a_length_ends_with_its_connection(server_with):
 
 
 def test_no_credentials_is_an_error_and_sends_nothing(server_with):
-    class Session:
-        def get_credentials(self):
-            return None
-
     server = server_with(partial(b"abc", 0))
-    client = SocketGets(S3Settings(bucket="b", max_attempts=2), "us-east-1", Session(),
-                        host=f"127.0.0.1:{server.port}", base_path="/b/")
-    [failed] = run(client, (0, 3))
+    [failed] = run(gets_with(server.port, None, max_attempts=2), (0, 3))
     assert isinstance(failed, api.Unreachable) and "no AWS credentials found" in str(failed)
     assert server.requests == []
