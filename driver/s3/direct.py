@@ -200,7 +200,7 @@ class _Reader:
 
     async def answer(self, length: int) -> tuple[int, dict[str, str], bytes | bytearray, bool]:
         """Status, headers (lower-case names), body, and whether the connection can be kept."""
-        while (end := self._buf.find(b"\r\n\r\n")) < 0:
+        while (end := self._buf.find(b"\r\n\r\n", 0, _HEAD_LIMIT + 4)) < 0:
             if len(self._buf) > _HEAD_LIMIT:
                 raise _Broken("answer headers too long")
             await self._fill()

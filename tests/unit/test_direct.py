@@ -199,6 +199,7 @@ def test_server_errors_are_retried_up_to_max_attempts(server_with):
     b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 4-7/8\r\nContent-Length: 104857600\r\n\r\n0123",
     b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
     b"HTTP/1.1 206 Partial Content\r\nX-Padding: " + b"x" * 70_000,  # headers with no end in sight
+    partial(b"0123", 4, extra="X-Padding: " + "x" * 70_000 + "\r\n"),  # headers past the limit, then an end
     b"HTTP/1.1 503 Slow Down\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # a chunk size that is not hex
 ])
 def test_an_answer_that_is_not_the_range_asked_for_is_an_error(server_with, answer):
