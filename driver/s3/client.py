@@ -138,9 +138,15 @@ def _error_from_boto(exc: Exception, operation: str, what: str) -> api.ObjectCli
                         botocore.exceptions.ConnectTimeoutError,
                         botocore.exceptions.ReadTimeoutError)):
         return api.Unreachable(f"{operation} {what}: {type(exc).__name__}", operation=operation)
+    if isinstance(exc, botocore.exceptions.SSLError):  # the endpoint's certificate, most often
+        return api.Unreachable(f"{operation} {what}: TLS failed: {exc.kwargs.get('error', exc)}",
+                               operation=operation, code=_TLS_FAILED)
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return api.ObjectClientError(f"{operation} {what}: {exc}", operation=operation)
     raise exc
+
+
+_TLS_FAILED = "TLSFailed"
 
 
 def detect_region(settings: S3Settings, session: boto3.Session | None = None) -> str:
@@ -352,6 +358,9 @@ def describe_bucket_error(exc: api.ObjectClientError, settings: S3Settings) -> s
         detail = f" ({exc.status} {exc.code})" if exc.status else ""
         return (f"access to bucket {bucket!r} was refused{detail}: check the credentials "
                 "and the bucket policy")
+    if exc.code == _TLS_FAILED and "CERTIFICATE_VERIFY_FAILED" in str(exc) and not settings.ca_bundle:
+        return (f"cannot reach {where}: {exc}; if a private authority signed its certificate, "
+                "name that authority's certificate with --ca-bundle")
     if isinstance(exc, api.Unreachable):
         return f"cannot reach {where}: {exc}"
     return f"checking bucket {bucket!r} failed: {exc}"

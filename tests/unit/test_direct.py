@@ -18,6 +18,7 @@ import trio
 from driver.config import S3Settings
 from driver.s3 import api
 from driver.s3.direct import SocketGets
+from tests.support.listening import accepted
 
 SECRET = "not-a-real-secret-but-kept-out-of-errors"
 ETAG = '"0123456789abcdef"'
@@ -41,11 +42,7 @@ class ScriptedServer:
         self._thread.start()
 
     def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
+        for conn in accepted(self._listener, self._stop):
             self.connections += 1
             self._open.append(conn)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
