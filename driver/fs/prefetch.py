@@ -8,7 +8,8 @@ largest equal piece of the object's part below it (one HTTP request each), at mo
 them: ``_deepen``), each ending on a multiple of its size within the part
 (``_aligned_end``; the part size comes from the ETag, ``driver.fs.parts``; unknown, the
 grid is multiples of the request size). A read elsewhere cancels what was fetched ahead
-and fetches just what it needs (about ``min_request``). Every request
+(but what another read of the handle waits on: ``_let_go``) and fetches just what it
+needs (about ``min_request``). Every request
 carries If-Match with the ETag the file was opened with, so a handle never returns bytes
 of two versions of an object.
 
@@ -80,6 +81,8 @@ class Chunk:
     reserved: int = 0  # bytes of the memory budget this chunk holds
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     speculative: bool = False  # fetched before anyone asked for it
+    waiters: int = 0  # reads waiting on it now
+    detached: bool = False  # out of the handle's window, still fetched for its waiters
 
 
 async def fetch(chunk: Chunk, client: ObjectClient, key: str, etag: str, budget: MemoryBudget) -> None:
@@ -205,24 +208,32 @@ class Prefetcher:
         self._position = max(self._position, end) if sequential else end
         if sequential:
             self._prefetch_ahead()
-        parts = []
+        parts: list[bytes | memoryview] = []
         pos = offset
         for chunk in needed:
-            await chunk.done.wait()
-            if chunk.cancelled:
-                break  # another read on this handle moved the window: fetch the rest directly
-            if chunk.error is not None:
-                if chunk.speculative:
+            chunk.waiters += 1
+        try:
+            for chunk in needed:
+                await chunk.done.wait()
+                if chunk.cancelled:
+                    break  # the handle was closed under this read: fetch the rest itself
+                if chunk.error is not None:
+                    if chunk.speculative:
+                        self._discard(chunk)
+                        break  # fetched before this handle was opened: read the bytes afresh
+                    self._failed_now(chunk.start, chunk.end, chunk.error)
                     self._discard(chunk)
-                    break  # fetched before this handle was opened: read the bytes afresh
-                self._failed_now(chunk.start, chunk.end, chunk.error)
-                self._discard(chunk)
-                raise chunk.error
-            piece = chunk.data[pos - chunk.start : end - chunk.start]
-            parts.append(piece)
-            pos += len(piece)
-            if pos < min(end, chunk.end):
-                return b"".join(parts)  # the object is shorter than its size said: EOF here
+                    raise chunk.error
+                piece = chunk.data[pos - chunk.start : end - chunk.start]
+                parts.append(piece)
+                pos += len(piece)
+                if pos < min(end, chunk.end):
+                    return b"".join(parts)  # the object is shorter than its size said: EOF here
+        finally:
+            for chunk in needed:
+                chunk.waiters -= 1
+                if chunk.detached and not chunk.waiters:
+                    self._cancel(chunk)  # its last reader has its bytes (or gave up): free them
         if pos < end:
             parts.append(await self._fetch_direct(pos, end))
         return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -268,7 +279,7 @@ class Prefetcher:
 
     def _reset(self) -> None:
         for chunk in self._chunks:
-            self._cancel(chunk)
+            self._let_go(chunk)
         self._chunks.clear()
         self._next_size = self._config.min_request
         self._depth = self._config.max_ahead
@@ -285,7 +296,7 @@ class Prefetcher:
     def _drop_behind(self, offset: int) -> None:
         keep_from = offset - self._config.behind_slack
         while self._chunks and self._chunks[0].end <= keep_from:
-            self._cancel(self._chunks.pop(0))
+            self._let_go(self._chunks.pop(0))
 
     def _cover(self, offset: int, end: int) -> None:
         """Make sure chunks cover [offset, end): the bytes this read needs, fetched now."""
@@ -345,6 +356,15 @@ class Prefetcher:
 
     def _cancel(self, chunk: Chunk) -> None:
         cancel(chunk, self._budget)
+
+    def _let_go(self, chunk: Chunk) -> None:
+        """Out of the window: cancelled, unless reads wait on it. Several threads reading one
+        descriptor at random places (a Parquet reader's thread pool) each move the window;
+        cancelling what the others wait for made them fetch it all again, on new connections."""
+        if chunk.waiters:
+            chunk.detached = True
+        else:
+            self._cancel(chunk)
 
     def _discard(self, chunk: Chunk) -> None:
         if chunk in self._chunks:

@@ -222,3 +222,38 @@ def test_concurrent_reads_on_one_handle_return_their_own_bytes():
     trio.run(main)
     assert all(results[o] == data[o:o + 128 * KiB] for o in offsets)
     assert budget.used == 0
+
+
+def test_concurrent_random_reads_on_one_handle_do_not_refetch_each_others_bytes():
+    # Threads reading one descriptor at random places (a Parquet reader's pool): each read
+    # moves the handle's window, which must not cancel the requests the others wait on.
+    data = os.urandom(128 * MiB)
+    client = MemoryClient(latency=0.005)
+    info = client.put("obj", data)
+    budget = MemoryBudget(64 * MiB)
+    # Distinct places, never next to each other: no read continues another's (that would
+    # rightly prefetch), so each needs exactly its own GET.
+    places = __import__("random").Random(3).sample(range(0, 512, 3), 100)
+    plans = [[p * 256 * KiB for p in places[i::4]] for i in range(4)]
+    results = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            reader = Prefetcher(client, "obj", info.etag, info.size, config=CONFIG, budget=budget,
+                                nursery=nursery)
+
+            async def read_all(offsets):
+                for off in offsets:
+                    results.append((off, await reader.read(off, 256 * KiB)))
+
+            async with trio.open_nursery() as readers:
+                for offsets in plans:
+                    readers.start_soon(read_all, offsets)
+            reader.close()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert len(results) == 100 and all(got == data[off:off + 256 * KiB] for off, got in results)
+    gets = [c for c in client.calls if c.operation == "GetObject"]
+    assert len(gets) == 100, "one GET per read"
+    assert budget.used == 0
