@@ -181,10 +181,10 @@ class S3ObjectClient:
         self._session = session or credentials.session(settings.credentials_file)
         self._boto = make_boto_client(settings, region, self._session)
         self._limiter = trio.CapacityLimiter(metadata_threads)
-        # Reads go through awscrt, small ranges from a plain-http endpoint over Pail's own
-        # sockets (driver.s3.direct). PAIL_DATA_PATH=crt sends those through awscrt too,
-        # =boto3 every read through boto3 in threads: to compare them (bench/), and as a
-        # fallback should one misbehave somewhere.
+        # Reads go through awscrt, small ranges over Pail's own sockets (driver.s3.direct),
+        # http or https. PAIL_DATA_PATH=crt sends those through awscrt too, =boto3 every
+        # read through boto3 in threads: to compare them (bench/), and as a fallback should
+        # one misbehave somewhere.
         # Uploads go through boto3: as fast here, and awscrt keeps each upload's body in
         # its buffer pool besides ours, which doubled a writer's memory (ARCHITECTURE.md).
         self._uploads = _BotoDataPath(self)
@@ -194,9 +194,9 @@ class S3ObjectClient:
         data_path = config.data_path()
         if data_path != "boto3":
             self._crt = self._data = CrtRequests(settings, region, self._session)
-            if data_path != "crt" and self._crt.scheme == "http":
-                self._small = SocketGets(settings, region, self._session, host=self._crt.host,
-                                         base_path=self._crt.base_path)
+            if data_path != "crt":
+                self._small = SocketGets(settings, region, self._session, scheme=self._crt.scheme,
+                                         host=self._crt.host, base_path=self._crt.base_path)
 
     # -- boto3, in threads -----------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from driver.config import S3Settings
 from driver.s3 import api
 from driver.s3.direct import SocketGets
 from tests.support.listening import accepted
+from tests.support.tls import TlsFront, certificates
 
 SECRET = "not-a-real-secret-but-kept-out-of-errors"
 ETAG = '"0123456789abcdef"'
@@ -109,10 +110,10 @@ def error(status: int, code: str, *, chunked: bool = False) -> bytes:
     return f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
 
 
-def gets(port: int, **settings) -> SocketGets:
+def gets(port: int, *, scheme: str = "http", **settings) -> SocketGets:
     session = boto3.Session(aws_access_key_id="AKIDTEST", aws_secret_access_key=SECRET)
-    s3 = S3Settings(bucket="b", endpoint_url=f"http://127.0.0.1:{port}", **{"max_attempts": 3, **settings})
-    return SocketGets(s3, "us-east-1", session, host=f"127.0.0.1:{port}", base_path="/b/")
+    s3 = S3Settings(bucket="b", endpoint_url=f"{scheme}://127.0.0.1:{port}", **{"max_attempts": 3, **settings})
+    return SocketGets(s3, "us-east-1", session, scheme=scheme, host=f"127.0.0.1:{port}", base_path="/b/")
 
 
 def gets_with(port: int, credentials, **settings) -> SocketGets:
@@ -120,8 +121,8 @@ def gets_with(port: int, credentials, **settings) -> SocketGets:
     class Session:
         def get_credentials(self):
             return credentials
-    return SocketGets(S3Settings(bucket="b", **settings), "us-east-1", Session(), host=f"127.0.0.1:{port}",
-                      base_path="/b/")
+    return SocketGets(S3Settings(bucket="b", **settings), "us-east-1", Session(), scheme="http",
+                      host=f"127.0.0.1:{port}", base_path="/b/")
 
 
 def run(client: SocketGets, *reads: tuple[int, int]):
@@ -314,4 +315,41 @@ def test_no_credentials_is_an_error_and_sends_nothing(server_with):
     server = server_with(partial(b"abc", 0))
     [failed] = run(gets_with(server.port, None, max_attempts=2), (0, 3))
     assert isinstance(failed, api.Unreachable) and "no AWS credentials found" in str(failed)
+    assert server.requests == []
+
+
+# Over TLS: the scripted server behind a TLS front whose certificate a private authority signed.
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return certificates(tmp_path_factory.mktemp("certs"))
+
+
+def tls_port(front: TlsFront) -> int:
+    return int(front.endpoint.rsplit(":", 1)[1])
+
+
+def test_ranges_over_tls_come_on_one_kept_connection(server_with, certs):
+    server = server_with(partial(b"abc", 0), partial(b"def", 3))
+    with TlsFront(f"http://127.0.0.1:{server.port}", certs) as front:
+        client = gets(tls_port(front), scheme="https", ca_bundle=str(certs.ca))
+        assert run(client, (0, 3), (3, 3)) == [b"abc", b"def"]
+    assert front.handshakes == 1
+    assert b"host: 127.0.0.1:%d" % tls_port(front) in server.requests[0]
+
+
+def test_a_tls_connection_the_server_closed_is_replaced(server_with, certs):
+    server = server_with(("close", partial(b"abc", 0)), partial(b"def", 3))
+    with TlsFront(f"http://127.0.0.1:{server.port}", certs) as front:
+        client = gets(tls_port(front), scheme="https", ca_bundle=str(certs.ca))
+        assert run(client, (0, 3), (3, 3)) == [b"abc", b"def"]
+    assert front.handshakes == 2
+
+
+def test_a_certificate_no_trusted_authority_signed_is_an_error_and_nothing_is_sent(server_with, certs):
+    server = server_with(partial(b"abc", 0))
+    with TlsFront(f"http://127.0.0.1:{server.port}", certs) as front:
+        [failed] = run(gets(tls_port(front), scheme="https", max_attempts=1), (0, 3))
+    assert isinstance(failed, api.Unreachable)
+    assert "certificate verify failed" in str(failed)
     assert server.requests == []
