@@ -197,44 +197,12 @@ def test_object_replaced_mid_read_is_estale_never_mixed():
     assert isinstance(error, FsError) and error.errno == errno.ESTALE
 
 
-def test_concurrent_reads_on_one_handle_return_their_own_bytes():
-    data = os.urandom(8 * MiB)
-    client = MemoryClient(latency=0.002)
+def concurrent_reads(data: bytes, plans: list[list[int]], length: int, *, latency: float):
+    """Tasks reading one handle at once, each its plan's offsets in turn; returns the
+    (offset, bytes) read, the client and the budget."""
+    client = MemoryClient(latency=latency)
     info = client.put("obj", data)
     budget = MemoryBudget(64 * MiB)
-    offsets = [5 * MiB, 0, 3 * MiB, 128 * KiB, 7 * MiB, 256 * KiB]
-    results = {}
-
-    async def main():
-        async with trio.open_nursery() as nursery:
-            reader = Prefetcher(client, "obj", info.etag, info.size, config=CONFIG, budget=budget,
-                                nursery=nursery)
-
-            async def read(off):
-                results[off] = await reader.read(off, 128 * KiB)
-
-            async with trio.open_nursery() as readers:
-                for off in offsets:
-                    readers.start_soon(read, off)
-            reader.close()
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
-    assert all(results[o] == data[o:o + 128 * KiB] for o in offsets)
-    assert budget.used == 0
-
-
-def test_concurrent_random_reads_on_one_handle_do_not_refetch_each_others_bytes():
-    # Threads reading one descriptor at random places (a Parquet reader's pool): each read
-    # moves the handle's window, which must not cancel the requests the others wait on.
-    data = os.urandom(128 * MiB)
-    client = MemoryClient(latency=0.005)
-    info = client.put("obj", data)
-    budget = MemoryBudget(64 * MiB)
-    # Distinct places, never next to each other: no read continues another's (that would
-    # rightly prefetch), so each needs exactly its own GET.
-    places = __import__("random").Random(3).sample(range(0, 512, 3), 100)
-    plans = [[p * 256 * KiB for p in places[i::4]] for i in range(4)]
     results = []
 
     async def main():
@@ -244,7 +212,7 @@ def test_concurrent_random_reads_on_one_handle_do_not_refetch_each_others_bytes(
 
             async def read_all(offsets):
                 for off in offsets:
-                    results.append((off, await reader.read(off, 256 * KiB)))
+                    results.append((off, await reader.read(off, length)))
 
             async with trio.open_nursery() as readers:
                 for offsets in plans:
@@ -253,6 +221,27 @@ def test_concurrent_random_reads_on_one_handle_do_not_refetch_each_others_bytes(
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+    return results, client, budget
+
+
+def test_concurrent_reads_on_one_handle_return_their_own_bytes():
+    data = os.urandom(8 * MiB)
+    offsets = [5 * MiB, 0, 3 * MiB, 128 * KiB, 7 * MiB, 256 * KiB]
+    results, _, budget = concurrent_reads(data, [[o] for o in offsets], 128 * KiB, latency=0.002)
+    assert sorted(o for o, _ in results) == sorted(offsets)
+    assert all(got == data[o:o + 128 * KiB] for o, got in results)
+    assert budget.used == 0
+
+
+def test_concurrent_random_reads_on_one_handle_do_not_refetch_each_others_bytes():
+    # Threads reading one descriptor at random places (a Parquet reader's pool): each read
+    # moves the handle's window, which must not cancel the requests the others wait on.
+    data = os.urandom(128 * MiB)
+    # Distinct places, never next to each other: no read continues another's (that would
+    # rightly prefetch), so each needs exactly its own GET.
+    places = __import__("random").Random(3).sample(range(0, 512, 3), 100)
+    plans = [[p * 256 * KiB for p in places[i::4]] for i in range(4)]
+    results, client, budget = concurrent_reads(data, plans, 256 * KiB, latency=0.005)
     assert len(results) == 100 and all(got == data[off:off + 256 * KiB] for off, got in results)
     gets = [c for c in client.calls if c.operation == "GetObject"]
     assert len(gets) == 100, "one GET per read"
