@@ -24,6 +24,8 @@ times, bench/raw.py what the raw client does):
   rand_read_1t   random 256 KiB preads in the large object, 1 thread (and _4t: 4 threads);
                  Pail and pail-cache read the same offsets again after the page cache was
                  dropped (a second pass)
+  rand_read_shared  the same as rand_read_4t, the 4 threads reading through one descriptor
+                 (as a Parquet reader's thread pool does)
   list           ls -l of a directory of --list-objects objects
   cat_small      one cat of --small-files files of 64 KiB, one after the other
   seq_write      dd bs=1M conv=fsync of a new large file, until the object is in S3
@@ -175,6 +177,7 @@ class Bench:
             "reread": lambda: workloads.seq_read(directory, d),  # read twice: Bench.run does the second pass
             "rand_read_1t": lambda: workloads.rand_read(directory, d, 1, a.rand_reads),
             "rand_read_4t": lambda: workloads.rand_read(directory, d, 4, a.rand_reads),
+            "rand_read_shared": lambda: workloads.rand_read(directory, d, 4, a.rand_reads, shared=True),
             "list": lambda: workloads.list_dir(directory, d),
             "cat_small": lambda: workloads.cat_small(directory, d),
             "seq_write": lambda: workloads.seq_write(directory, d, key, self.write_source, self.head),
@@ -189,6 +192,7 @@ class Bench:
             "reread": lambda: raw.seq_read(s, d),  # read twice: Bench.run does the second pass
             "rand_read_1t": lambda: raw.rand_read(s, d, 1, a.rand_reads),
             "rand_read_4t": lambda: raw.rand_read(s, d, 4, a.rand_reads),
+            "rand_read_shared": lambda: raw.rand_read(s, d, 4, a.rand_reads),  # no descriptor: as _4t
             "list": lambda: raw.list_walk(s, d),
             "cat_small": lambda: raw.cat_small(s, d),
             "seq_write": lambda: raw.seq_write(s, d, key, self.head),

@@ -70,7 +70,8 @@ def make(server, bucket: str, workdir: Path, size: int, list_objects: int, small
     block_file.write_bytes(block)
     data = Dataset(bucket, size, list_objects, small_files, block, block_file,
                    small_body=os.urandom(SMALL_FILE_SIZE))
-    big = [data.big_key] if workloads & {"seq_read", "reread", "rand_read_1t", "rand_read_4t", "ttfb"} else []
+    big = [data.big_key] if workloads & {"seq_read", "reread", "rand_read_1t", "rand_read_4t", "rand_read_shared",
+                                           "ttfb"} else []
     if "parallel_read" in workloads:
         big += data.parallel_keys
     for key in big:

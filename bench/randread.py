@@ -3,8 +3,9 @@
 Run as a child process by bench.compare (``python -m bench.randread PATH --size N``), so
 that a read stuck in a FUSE mount can be bounded by a timeout and killed. Like
 ``fio --rw=randread --bs=256k --ioengine=psync --numjobs=T --number_ios=R``: T threads,
-each with its own descriptor, each doing R pread(2) calls of --read-size bytes at aligned
-offsets drawn from a seeded generator (offsets(): the raw client reads the same ones).
+each with its own descriptor (one for all with --shared-descriptor), each doing R
+pread(2) calls of --read-size bytes at aligned offsets drawn from a seeded generator
+(offsets(): the raw client reads the same ones).
 pread releases the GIL, so the threads' reads really overlap. Timed from the moment every
 thread has opened the file to the end of the last read. Every read is checked against
 --verify BLOCK repeated (a comparison in memory, microseconds against a network read).
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reads", type=int, default=READS_PER_THREAD, help="reads per thread")
     parser.add_argument("--read-size", type=int, default=READ_SIZE)
     parser.add_argument("--verify", metavar="BLOCK", required=True)
+    parser.add_argument("--shared-descriptor", action="store_true",
+                        help="all threads read through one descriptor, as a Parquet reader's thread pool does")
     args = parser.parse_args(argv)
     with open(args.verify, "rb") as f:
         block = f.read()
@@ -60,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     errors: list[str] = []
     got = [0] * args.threads
 
+    shared = os.open(args.path, os.O_RDONLY) if args.shared_descriptor else None
+
     def run(thread: int) -> None:
-        fd = os.open(args.path, os.O_RDONLY)
+        fd = shared if shared is not None else os.open(args.path, os.O_RDONLY)
         try:
             ready.wait()
             for offset in offsets(args.size, args.read_size, args.reads, thread):
@@ -76,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             errors.append(f"thread {thread}: {exc}")
         finally:
-            os.close(fd)
+            if shared is None:
+                os.close(fd)
 
     threads = [threading.Thread(target=run, args=(n,)) for n in range(args.threads)]
     for t in threads:
@@ -86,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     for t in threads:
         t.join()
     seconds = time.perf_counter() - start
+    if shared is not None:
+        os.close(shared)
     if errors:
         print("; ".join(errors[:5]), file=sys.stderr)
         return 1
@@ -97,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     json.dump({
         "bytes": total, "reads": len(all_latencies), "threads": args.threads, "read_size": args.read_size,
+        "shared_descriptor": args.shared_descriptor,
         "seconds": seconds, "mb_s": total / seconds / 1e6, "iops": len(all_latencies) / seconds,
         "latency_ms": {"median": statistics.median(all_latencies) * 1e3, "p90": pct(0.90) * 1e3,
                        "p99": pct(0.99) * 1e3, "max": all_latencies[-1] * 1e3},

@@ -153,7 +153,7 @@ def markdown(result: dict) -> str:
                      "documents for fast listings (without it rclone reads every object's modification time "
                      "with a HEAD).")
     iops = []
-    for name in ("rand_read_1t", "rand_read_4t"):
+    for name in ("rand_read_1t", "rand_read_4t", "rand_read_shared"):
         clients = result["workloads"].get(name, {}).get("clients", {})
         for field, what in (("iops", name), ("pass2_iops", f"{name} second pass")):
             found = {c: _median_of(v["runs"], field) for c, v in clients.items()}
@@ -199,7 +199,7 @@ def _traffic(result: dict, config: dict) -> str:
     (median): above 1, it fetched bytes the program did not ask for (or asked more often).
     SeaweedFS's hops between its own servers count too, alike for every client."""
     parts = []
-    for name in ("seq_read", "parallel_read", "rand_read_1t", "rand_read_4t"):
+    for name in ("seq_read", "parallel_read", "rand_read_1t", "rand_read_4t", "rand_read_shared"):
         clients = result["workloads"].get(name, {}).get("clients", {})
         raw = _median_of(clients.get("raw", {}).get("runs", []), "loopback_mib")
         if not raw:

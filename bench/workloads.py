@@ -68,6 +68,8 @@ WORKLOADS = {
                              second_pass=("pail", "pail-cache"),
                              second_label="random 256 KiB reads, {size} object, 4 threads: second pass "
                                           "(same offsets, page cache dropped)"),
+    "rand_read_shared": Workload("random 256 KiB reads, {size} object, 4 threads sharing one descriptor", "mb_s",
+                                 "MB/s", "higher", READERS, "boto3 ranged GETs from 4 threads, same offsets"),
     "list": Workload("ls -l of {list} objects", "seconds", "s", "lower", (*MOUNTS, "rclone-modtime", "raw"),
                      "boto3 ListObjectsV2 walk (1,000 keys a page)"),
     "cat_small": Workload("cat of {small} files of 64 KiB", "seconds", "s", "lower", READERS,
@@ -126,9 +128,10 @@ def parallel_read(directory: str, data: Dataset) -> dict:
             "per_reader_mb_s": [round(o["mb_s"], 1) for o in outputs]}
 
 
-def rand_read(directory: str, data: Dataset, threads: int, reads: int) -> dict:
+def rand_read(directory: str, data: Dataset, threads: int, reads: int, *, shared: bool = False) -> dict:
     out = _child(["bench.randread", os.path.join(directory, data.big_key), "--size", str(data.size),
-                  "--threads", str(threads), "--reads", str(reads), "--verify", str(data.block_file)])
+                  "--threads", str(threads), "--reads", str(reads), "--verify", str(data.block_file),
+                  *(["--shared-descriptor"] if shared else [])])
     if out["bytes"] != threads * reads * out["read_size"] and data.size >= out["read_size"]:
         raise BenchError(f"random reads got {out['bytes']} bytes, expected {threads * reads * out['read_size']}")
     return out

@@ -182,6 +182,14 @@ def test_compare_measures_pail_without_its_own_small_gets_only_when_asked(tmp_pa
     assert f"| {ratio:.2f} |" in table
 
 
+def test_random_reads_through_one_shared_descriptor_run_end_to_end(tmp_path):
+    report = run_compare(tmp_path, "--rand-reads", "16", "--only", "rand_read_shared", "--clients", "pail,raw")
+    clients = report["workloads"]["rand_read_shared"]["clients"]
+    [run] = clients["pail"]["runs"]
+    assert "error" not in run and run["bytes"] == 4 * 16 * 256 * 1024 and run["shared_descriptor"] is True, run
+    assert "4 threads sharing one descriptor" in (tmp_path / "compare.md").read_text()
+
+
 def test_compare_through_the_distant_relay_reads_every_byte(tmp_path):
     report = run_compare(tmp_path, "--only", "seq_read", "--clients", "pail,raw", "--latency-ms", "100")
     assert report["config"]["distant"] == {"latency_ms": 100.0, "connection_mbs": 0.0}
