@@ -80,7 +80,8 @@ class TlsFront:
         self._context.load_cert_chain(certs.server_cert, certs.server_key)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.2)
-        self.endpoint = f"https://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.port = self._listener.getsockname()[1]
+        self.endpoint = f"https://127.0.0.1:{self.port}"
         self.handshakes = 0  # TLS connections that completed their handshake
         self._stop = threading.Event()
         self._open: set[socket.socket] = set()

@@ -325,23 +325,19 @@ def certs(tmp_path_factory):
     return certificates(tmp_path_factory.mktemp("certs"))
 
 
-def tls_port(front: TlsFront) -> int:
-    return int(front.endpoint.rsplit(":", 1)[1])
-
-
 def test_ranges_over_tls_come_on_one_kept_connection(server_with, certs):
     server = server_with(partial(b"abc", 0), partial(b"def", 3))
     with TlsFront(f"http://127.0.0.1:{server.port}", certs) as front:
-        client = gets(tls_port(front), scheme="https", ca_bundle=str(certs.ca))
+        client = gets(front.port, scheme="https", ca_bundle=str(certs.ca))
         assert run(client, (0, 3), (3, 3)) == [b"abc", b"def"]
     assert front.handshakes == 1
-    assert b"host: 127.0.0.1:%d" % tls_port(front) in server.requests[0]
+    assert b"host: 127.0.0.1:%d" % front.port in server.requests[0]
 
 
 def test_a_tls_connection_the_server_closed_is_replaced(server_with, certs):
     server = server_with(("close", partial(b"abc", 0)), partial(b"def", 3))
     with TlsFront(f"http://127.0.0.1:{server.port}", certs) as front:
-        client = gets(tls_port(front), scheme="https", ca_bundle=str(certs.ca))
+        client = gets(front.port, scheme="https", ca_bundle=str(certs.ca))
         assert run(client, (0, 3), (3, 3)) == [b"abc", b"def"]
     assert front.handshakes == 2
 
@@ -349,7 +345,7 @@ def test_a_tls_connection_the_server_closed_is_replaced(server_with, certs):
 def test_a_certificate_no_trusted_authority_signed_is_an_error_and_nothing_is_sent(server_with, certs):
     server = server_with(partial(b"abc", 0))
     with TlsFront(f"http://127.0.0.1:{server.port}", certs) as front:
-        [failed] = run(gets(tls_port(front), scheme="https", max_attempts=1), (0, 3))
+        [failed] = run(gets(front.port, scheme="https", max_attempts=1), (0, 3))
     assert isinstance(failed, api.Unreachable)
     assert "certificate verify failed" in str(failed)
     assert server.requests == []
