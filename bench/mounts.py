@@ -140,7 +140,7 @@ def read_file(path: str, verify: Path | None = None) -> dict:
     return json.loads(result.stdout)
 
 
-def mount_run(mounts: Mounts, server, bucket: str, size: int, data_path: str) -> dict:
+def mount_run(mounts: Mounts, server, bucket: str, size: int, data_path: str | None) -> dict:
     directory, pid, log_path = mounts.mount(server, bucket, server.endpoint, data_path)
     prepared = prepare_run(server)
     cpu0, threads0, ticks0 = cpu_seconds(pid), thread_cpu(pid), machine_ticks()
@@ -185,7 +185,7 @@ def trace_pass(mounts: Mounts, server, bucket: str, block_file: Path) -> dict:
     from tests.support.proxy import S3Proxy
 
     out = {}
-    for data_path in ("crt", "boto3"):
+    for name, data_path in (("mount", None), ("mount_awscrt", "crt"), ("mount_boto3", "boto3")):
         with S3Proxy(server.endpoint) as proxy:
             directory, _, _ = mounts.mount(server, bucket, proxy.endpoint, data_path)
             proxy.clear()
@@ -200,9 +200,9 @@ def trace_pass(mounts: Mounts, server, bucket: str, block_file: Path) -> dict:
                 else:
                     sizes["whole"] += 1
             if not read["verified"]:
-                raise BenchError(f"wrong bytes through the mount ({data_path}) at offset "
+                raise BenchError(f"wrong bytes through the mount ({name}) at offset "
                                  f"{read['first_mismatch_at']}")
-            out["mount_awscrt" if data_path == "crt" else "mount_boto3"] = {
+            out[name] = {
                 "verified": read["verified"],
                 "requests": dict(ops),
                 "get_sizes": {_size_name(k): v for k, v in sorted(sizes.items(), key=lambda kv: str(kv[0]))},

@@ -9,9 +9,11 @@ then measures, ``--runs`` times each, interleaved round by round:
   raw_awscrt    awscrt.s3.S3Client GET_OBJECT of the whole object (auto-ranged parallel
                 8 MiB parts, SigV4), the body discarded in on_body
   raw_boto3     boto3 ranged GETs of 8 MiB in a pool of 16 threads, bodies read
-  mount_awscrt  a fresh ``pail mount`` (default data path, awscrt), the file read to the
-                end with 1 MiB reads
-  mount_boto3   the same with PAIL_DATA_PATH=boto3 in the mount process's environment
+  mount         a fresh ``pail mount`` (default data path: GETs on Pail's own sockets),
+                the file read to the end with 1 MiB reads
+  mount_awscrt  the same with PAIL_DATA_PATH=crt in the mount process's environment
+                (every GET through awscrt)
+  mount_boto3   the same with PAIL_DATA_PATH=boto3
 
 Before every timed run the page cache is dropped and the server's own files are read
 back into it, so every run finds the same state: nothing of the client side cached, the
@@ -46,11 +48,13 @@ from bench.mounts import READ_SIZE, Mounts, mount_run, trace_pass
 from bench.system import MiB, attribute_cpu, machine_info, prepare_run
 
 BLOCK_SIZE = 64 * MiB  # the object is this random block repeated
+DATA_PATHS = {"mount": None, "mount_awscrt": "crt", "mount_boto3": "boto3"}  # PAIL_DATA_PATH; None: default
 
 VARIANTS = {
     "raw_awscrt": "raw awscrt (S3Client, 8 MiB parts)",
     "raw_boto3": f"raw boto3 ({BOTO3_THREADS} threads, 8 MiB ranges)",
-    "mount_awscrt": "Pail mount, awscrt data path (default)",
+    "mount": "Pail mount (default: its own sockets)",
+    "mount_awscrt": "Pail mount, PAIL_DATA_PATH=crt",
     "mount_boto3": "Pail mount, PAIL_DATA_PATH=boto3",
 }
 
@@ -153,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                     run = (raw_awscrt if name == "raw_awscrt" else raw_boto3)(target, bucket, size)
                     run.update(prepared)
                 else:
-                    data_path = "crt" if name == "mount_awscrt" else "boto3"
+                    data_path = DATA_PATHS[name]
                     run = mount_run(mounts, target, bucket, size, data_path)
-                    if run["data_path_seen"] != data_path:
+                    if data_path is not None and run["data_path_seen"] != data_path:
                         _say(f"warning: asked for data path {data_path}, but the mount's threads look "
                              f"like {run['data_path_seen']}")
                 attribute_cpu(run)
@@ -177,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                    "to_raw_boto3": medians[name] / medians["raw_boto3"]}
             for name in VARIANTS
         }
-        ratios["mount_boto3"]["to_mount_awscrt"] = medians["mount_boto3"] / medians["mount_awscrt"]
+        for name in ("mount", "mount_boto3"):
+            ratios[name]["to_mount_awscrt"] = medians[name] / medians["mount_awscrt"]
         result = {
             "benchmark": "seq_read",
             "date": started.strftime("%Y-%m-%d %H:%M UTC"),

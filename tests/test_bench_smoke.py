@@ -13,7 +13,7 @@ from pathlib import Path
 from bench.distant import DistantRelay
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("raw_awscrt", "raw_boto3", "mount_awscrt", "mount_boto3")
+VARIANTS = ("raw_awscrt", "raw_boto3", "mount", "mount_awscrt", "mount_boto3")
 
 
 def test_seq_read_benchmark_runs_end_to_end(tmp_path):
@@ -27,10 +27,10 @@ def test_seq_read_benchmark_runs_end_to_end(tmp_path):
         assert len(runs) == 1
         assert runs[0]["bytes"] == 16 * 1024 * 1024
         assert report["variants"][name]["summary"]["median_mb_s"] > 0, name
-    for name in ("mount_awscrt", "mount_boto3"):
+    for name in ("mount", "mount_awscrt", "mount_boto3"):
         assert report["variants"][name]["runs"][0]["peak_rss_mib"] > 0
         assert report["trace"][name]["verified"] is True  # every byte read back was right
-    assert (tmp_path / "seq_read.md").read_text().count("| Pail mount") == 2
+    assert (tmp_path / "seq_read.md").read_text().count("| Pail mount") == 3
 
 
 def test_seq_read_through_the_distant_relay_reads_every_byte(tmp_path):

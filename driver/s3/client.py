@@ -27,7 +27,7 @@ from driver.config import S3Settings
 from driver.credentials import CredentialError
 from driver.s3 import api, options
 from driver.s3.crt import CrtRequests
-from driver.s3.direct import SMALL_GET, SocketGets
+from driver.s3.direct import SocketGets
 
 log = structlog.get_logger("pail.s3")
 
@@ -181,22 +181,22 @@ class S3ObjectClient:
         self._session = session or credentials.session(settings.credentials_file)
         self._boto = make_boto_client(settings, region, self._session)
         self._limiter = trio.CapacityLimiter(metadata_threads)
-        # Reads go through awscrt, small ranges over Pail's own sockets (driver.s3.direct),
-        # http or https. PAIL_DATA_PATH=crt sends those through awscrt too, =boto3 every
-        # read through boto3 in threads: to compare them (bench/), and as a fallback should
-        # one misbehave somewhere.
+        # Object data comes over Pail's own sockets (driver.s3.direct), http or https;
+        # HEAD and ListObjectsV2 through awscrt. PAIL_DATA_PATH=crt sends reads through
+        # awscrt too, =boto3 every request through boto3 in threads: to compare them
+        # (bench/), and as a fallback should one misbehave somewhere.
         # Uploads go through boto3: as fast here, and awscrt keeps each upload's body in
         # its buffer pool besides ours, which doubled a writer's memory (ARCHITECTURE.md).
         self._uploads = _BotoDataPath(self)
         self._crt: CrtRequests | None = None
         self._data: CrtRequests | _BotoDataPath = self._uploads
-        self._small: SocketGets | None = None
+        self._sockets: SocketGets | None = None
         data_path = config.data_path()
         if data_path != "boto3":
             self._crt = self._data = CrtRequests(settings, region, self._session)
             if data_path != "crt":
-                self._small = SocketGets(settings, region, self._session, scheme=self._crt.scheme,
-                                         host=self._crt.host, base_path=self._crt.base_path)
+                self._sockets = SocketGets(settings, region, self._session, scheme=self._crt.scheme,
+                                           host=self._crt.host, base_path=self._crt.base_path)
 
     # -- boto3, in threads -----------------------------------------------------------------
 
@@ -266,11 +266,11 @@ class S3ObjectClient:
     async def delete_object(self, key: str) -> None:
         await self.call("DeleteObject", key, Key=key)
 
-    # -- object data: small ranges on our sockets (driver.s3.direct), awscrt, or boto3 ---------
+    # -- object data: on our sockets (driver.s3.direct), through awscrt, or boto3 ---------------
 
     async def get_range(self, key: str, start: int, length: int, *, etag: str) -> bytes | bytearray:
-        if self._small is not None and length <= SMALL_GET:
-            return await self._small.get_range(key, start, length, etag=etag)
+        if self._sockets is not None:
+            return await self._sockets.get_range(key, start, length, etag=etag)
         return await self._data.get_range(key, start, length, etag=etag)
 
     async def put_object(self, key: str, data: bytes | memoryview) -> api.ObjectInfo:
@@ -283,8 +283,8 @@ class S3ObjectClient:
         return api.UploadedPart(number, etag, checksum)
 
     async def aclose(self) -> None:
-        if self._small is not None:
-            self._small.close()
+        if self._sockets is not None:
+            self._sockets.close()
         self._data.close()
         self._boto.close()
 

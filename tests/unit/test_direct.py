@@ -1,11 +1,13 @@
-"""Pail's own small GETs (driver.s3.direct) against a scripted HTTP server on 127.0.0.1:
-kept connections, connections the server closed, error answers, answers that are not the
-range asked for, silence and cancellation. Reads through a real mount and S3 server,
+"""Pail's own GETs (driver.s3.direct) against a scripted HTTP server on 127.0.0.1: kept
+connections, connections the server closed, error answers, answers that are not the range
+asked for, silence and cancellation, of bodies the loop receives and of larger ones a
+worker thread does. Reads through a real mount and S3 server,
 retries and faults included, are tested in tests/mount."""
 
 from __future__ import annotations
 
 import functools
+import os
 import socket
 import threading
 
@@ -17,23 +19,26 @@ import trio
 
 from driver.config import S3Settings
 from driver.s3 import api
-from driver.s3.direct import SocketGets
+from driver.s3.direct import THREAD_BODY, SocketGets
 from tests.support.listening import accepted
 from tests.support.tls import TlsFront, certificates
 
 SECRET = "not-a-real-secret-but-kept-out-of-errors"
 ETAG = '"0123456789abcdef"'
+BIG = os.urandom(THREAD_BODY * 3)  # a body a worker thread receives
 
 
 class ScriptedServer:
     """Answers the n-th request with the n-th of ``answers``: bytes to send and keep the
     connection, ("close", bytes) to send and close it, None to close without answering,
-    or ("hang", bytes) to send and then say nothing more."""
+    ("hang", bytes) to send and then say nothing more, or ("stall", bytes) to send, say
+    nothing more and count in ``released`` when the client lets the connection go."""
 
     def __init__(self, answers: list) -> None:
         self.answers = list(answers)
         self.requests: list[bytes] = []
         self.connections = 0
+        self.released = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.2)
         self.port = self._listener.getsockname()[1]
@@ -70,8 +75,19 @@ class ScriptedServer:
                     conn.sendall(data)
                     if how == "hang":
                         self._stop.wait()  # until the test ends
+                    if how == "stall":
+                        self._until_released(conn)
                     return
                 conn.sendall(answer)
+
+    def _until_released(self, conn: socket.socket) -> None:
+        try:
+            while not self._stop.is_set() and conn.recv(65536):
+                pass
+        except OSError:
+            pass
+        if not self._stop.is_set():
+            self.released += 1
 
     def close(self) -> None:
         self._stop.set()
@@ -229,6 +245,52 @@ def test_a_read_cancelled_mid_answer_does_not_leave_the_rest_for_the_next(server
     assert server.connections == 2
 
 
+def test_large_bodies_come_whole_and_their_connection_is_kept_for_the_loop(server_with):
+    server = server_with(partial(BIG, 0, total=len(BIG)), partial(BIG[5:], 5, total=len(BIG)),
+                         partial(b"abc", 0, total=len(BIG)))
+    client = gets(server.port)
+
+    async def main():
+        with trio.fail_after(20):
+            out = [await client.get_range("k", 0, len(BIG), etag=ETAG),
+                   await client.get_range("k", 5, len(BIG) - 5, etag=ETAG),
+                   await client.get_range("k", 0, 3, etag=ETAG)]
+        kept = [sock.getblocking() for sock in client._idle]
+        client.close()
+        return out, kept
+    out, kept = trio.run(main)
+    assert out == [BIG, BIG[5:], b"abc"]
+    assert server.connections == 1
+    assert kept == [False]  # non-blocking again, as the loop needs it
+
+
+def test_a_large_read_cancelled_mid_body_lets_its_connection_go_at_once(server_with):
+    half = partial(BIG, 0, total=len(BIG))[:-len(BIG) // 2]
+    server = server_with(("stall", half), partial(b"abc", 0, total=len(BIG)))
+    client = gets(server.port, request_timeout=60.0)
+
+    async def main():
+        # The worker thread's receive would wait 60 s: only letting it go ends it sooner.
+        with trio.fail_after(10):
+            with trio.move_on_after(0.5):
+                await client.get_range("k", 0, len(BIG), etag=ETAG)
+                raise AssertionError("half a body was taken for a whole one")
+            data = await client.get_range("k", 0, 3, etag=ETAG)
+            while not server.released:
+                await trio.sleep(0.01)
+        client.close()
+        return data
+    assert trio.run(main) == b"abc"
+    assert server.connections == 2
+
+
+def test_a_large_body_that_stops_coming_is_an_error_within_the_request_timeout(server_with):
+    half = partial(BIG, 0, total=len(BIG))[:-len(BIG) // 2]
+    server = server_with(("stall", half), ("stall", half), ("stall", half))
+    [failed] = run(gets(server.port, request_timeout=1.0), (0, len(BIG)))
+    assert isinstance(failed, api.Unreachable)
+
+
 def test_no_server_is_an_error_naming_the_address_and_not_the_secret():
     with socket.create_server(("127.0.0.1", 0)) as placeholder:
         port = placeholder.getsockname()[1]
@@ -332,6 +394,14 @@ def test_ranges_over_tls_come_on_one_kept_connection(server_with, certs):
         assert run(client, (0, 3), (3, 3)) == [b"abc", b"def"]
     assert front.handshakes == 1
     assert b"host: 127.0.0.1:%d" % front.port in server.requests[0]
+
+
+def test_large_bodies_over_tls_come_whole_on_one_kept_connection(server_with, certs):
+    server = server_with(partial(BIG, 0, total=len(BIG)), partial(b"abc", 0, total=len(BIG)))
+    with TlsFront(f"http://127.0.0.1:{server.port}", certs) as front:
+        client = gets(front.port, scheme="https", ca_bundle=str(certs.ca))
+        assert run(client, (0, len(BIG)), (0, 3)) == [BIG, b"abc"]
+    assert front.handshakes == 1
 
 
 def test_a_tls_connection_the_server_closed_is_replaced(server_with, certs):
