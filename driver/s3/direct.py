@@ -16,6 +16,7 @@ Over https the sockets speak TLS through Python's ``ssl``.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import re
@@ -46,6 +47,13 @@ _ERROR_BODY_LIMIT = 64 * 1024  # an S3 error answer is a short XML document
 _RETRIED_STATUS = {500, 502, 503, 504}
 T = TypeVar("T")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# A body's buffer, not zeroed: ``bytearray(n)`` zeroes it, which cost the loop 0.1-0.15
+# CPU-s per GiB read (a sequential read 587 -> 625 MB/s without). A body is returned only
+# once every byte of it has been received; an answer cut short is an error, its buffer
+# dropped (as socket.recv does with its own unfilled bytes).
+_unzeroed_bytearray = ctypes.pythonapi.PyByteArray_FromStringAndSize
+_unzeroed_bytearray.restype = ctypes.py_object
+_unzeroed_bytearray.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
 
 
 class _Broken(Exception):
@@ -267,7 +275,7 @@ class _Reader:
     async def _exactly(self, size: int) -> bytearray:
         """The next ``size`` bytes, received into the buffer that is returned: a body is
         copied once, from the kernel (a ``bytes`` of it would be a second copy)."""
-        body = bytearray(size)
+        body = _unzeroed_bytearray(None, size)
         have = min(size, len(self._buf))
         body[:have] = self._buf[:have]
         del self._buf[:have]

@@ -284,6 +284,17 @@ def test_a_large_read_cancelled_mid_body_lets_its_connection_go_at_once(server_w
     assert server.connections == 2
 
 
+@pytest.mark.parametrize("body", [b"0123456789", BIG], ids=["small", "large"])
+def test_an_answer_cut_short_is_never_taken_for_the_body(server_with, body):
+    # Bodies are received into buffers not zeroed first: only a whole one may be returned.
+    cut = ("close", partial(body, 0, total=len(body))[:-3])
+    server = server_with(cut, cut, partial(body, 0, total=len(body)), cut, cut)
+    assert run(gets(server.port), (0, len(body))) == [body]
+    [failed] = run(gets(server.port, max_attempts=2), (0, len(body)))
+    assert isinstance(failed, api.Unreachable) and "closed before the whole answer" in str(failed)
+    assert len(server.requests) == 5  # two cut short, one whole; then two more cut short
+
+
 def test_a_large_body_that_stops_coming_is_an_error_within_the_request_timeout(server_with):
     half = partial(BIG, 0, total=len(BIG))[:-len(BIG) // 2]
     server = server_with(("stall", half), ("stall", half), ("stall", half))
