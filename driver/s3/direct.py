@@ -370,7 +370,9 @@ class _Receiving:
                 return True
             self._abandoned = True
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)
+            # The socket's own shutdown, under TLS too: SSLSocket's would drop the TLS
+            # state the thread is reading with.
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
         except OSError:
             pass  # already shut by the server: the thread's receive ends all the same
         return False
