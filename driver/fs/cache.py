@@ -246,6 +246,9 @@ class CachingObjectClient:
         self._write_failures = 0
         self._write_failure_logged = 0.0
 
+    # A read from the cache and S3 both is put together from pieces: a copy besides them.
+    copies_in_flight = 2
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
 

@@ -24,7 +24,7 @@ import trio
 
 from driver.fs.inode import Inode
 from driver.fs.listing import Entry
-from driver.fs.prefetch import IN_FLIGHT_COPIES, Chunk, MemoryBudget, cancel, fetch
+from driver.fs.prefetch import Chunk, MemoryBudget, cancel, fetch
 from driver.s3.api import ObjectClient
 
 SMALL_FILE = 1024 * 1024
@@ -102,7 +102,7 @@ class NextFiles:
     def _start(self, directory: int, position: int, entry: Entry) -> bool:
         info = entry.info
         assert info is not None and self._nursery is not None
-        charge = IN_FLIGHT_COPIES * info.size
+        charge = self._client.copies_in_flight * info.size
         if not self._budget.try_reserve(charge):
             return False
         chunk = Chunk(0, info.size, reserved=charge, speculative=True)

@@ -35,7 +35,6 @@ from driver.s3.api import ObjectClient, ObjectClientError
 
 log = structlog.get_logger("pail.prefetch")
 
-IN_FLIGHT_COPIES = 2
 # When a read fails, the kernel at once reads the page it needed again, on its own: a
 # second request that would wait out a whole --request-timeout more before the program
 # sees the error. Bytes that just failed fail again at once for this long.
@@ -172,6 +171,7 @@ class Prefetcher:
         self._config = config
         self._budget = budget
         self._nursery = nursery
+        self._copies = client.copies_in_flight
         self._chunks: list[Chunk] = [fetched] if fetched is not None else []  # contiguous, in offset order
         self._part = part_size(etag, size)
         self._max_request = request_unit(self._part, config.max_request)
@@ -312,7 +312,7 @@ class Prefetcher:
         the read needs: sixteen readers each forcing 8 MiB requests took a 64 MiB budget
         to 350 MiB."""
         size = self._grow(at_least=end - start)
-        if self._budget.used + IN_FLIGHT_COPIES * size > self._budget.limit:
+        if self._budget.used + self._copies * size > self._budget.limit:
             size = max(self._config.min_request, end - start)
         return size
 
@@ -340,9 +340,9 @@ class Prefetcher:
         end = min(_aligned_end(start, size, self._part, needed_end), self._size)
         if end <= start:
             return False
-        # While a request is in flight its bytes exist twice: in the HTTP client's receive
-        # buffer and in the copy it hands over. Once delivered, only the copy remains.
-        charge = IN_FLIGHT_COPIES * (end - start)
+        # While a request is in flight its bytes may exist twice: in the HTTP client's
+        # receive buffer and in the copy it hands over. Once delivered, only the copy remains.
+        charge = self._copies * (end - start)
         if forced:
             self._budget.reserve_anyway(charge)
         elif within is not None and self._budget.used + charge > within:

@@ -109,6 +109,12 @@ class ObjectClient(Protocol):
     Keys are full object keys; the mount's prefix is the core's business.
     """
 
+    # How many copies of a body exist while its GET is in flight: 2 for a client that
+    # receives into buffers of its own and hands over a copy (awscrt, boto3), 1 for one
+    # that receives into the buffer it returns. The core's memory budget charges a request
+    # that many times its size until it is delivered.
+    copies_in_flight: int
+
     async def head_bucket(self) -> None:
         """Check that the bucket exists and the credentials may use it."""
 

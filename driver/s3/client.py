@@ -197,6 +197,9 @@ class S3ObjectClient:
             if data_path != "crt":
                 self._sockets = SocketGets(settings, region, self._session, scheme=self._crt.scheme,
                                            host=self._crt.host, base_path=self._crt.base_path)
+        # Pail's own sockets receive a body into the buffer they return; awscrt and boto3
+        # into their own first.
+        self.copies_in_flight = 1 if self._sockets is not None else 2
 
     # -- boto3, in threads -----------------------------------------------------------------
 

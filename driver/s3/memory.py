@@ -36,8 +36,9 @@ class MemoryClient:
     """Objects in a dict; keys kept sorted for listing."""
 
     def __init__(self, *, latency: float = 0.0, rate: float | None = None,
-                 min_part_size: int = MIN_PART_SIZE) -> None:
+                 min_part_size: int = MIN_PART_SIZE, copies_in_flight: int = 2) -> None:
         self._data: dict[str, bytes] = {}
+        self.copies_in_flight = copies_in_flight  # as the S3 client it stands in for
         self.min_part_size = min_part_size
         self.uploads: dict[str, tuple[str, dict[int, bytes]]] = {}  # upload id -> key, parts
         self._next_upload = 0

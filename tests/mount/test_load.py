@@ -12,7 +12,6 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 import pytest
 
 from driver.config import FsSettings
-from driver.fs.prefetch import IN_FLIGHT_COPIES
 from tests.support.processes import proc_status_bytes
 
 KiB, MiB = 1024, 1024 * 1024
@@ -29,9 +28,10 @@ DEADLINE = 100.0  # seconds for all readers and writers together; far more than 
 DEFAULTS = FsSettings()
 # Readers: prefetched data within --max-memory, plus, per reader, the request its read
 # forces once the budget is spent (driver/fs/prefetch.py, Prefetcher._forced_size): only
-# what the read needs, at most one FUSE read (1 MiB with Pail's read-ahead), counted twice
-# while in flight (awscrt's buffer and the copy; on Pail's own sockets, the default, a body
-# is received into the one buffer, so this is cautious). That is the budget's own count.
+# what the read needs, at most one FUSE read (1 MiB with Pail's read-ahead), counted once
+# while in flight: the default data path receives a body into the buffer it hands over
+# (S3ObjectClient.copies_in_flight). That is the budget's own count.
+IN_FLIGHT_COPIES = 1
 FUSE_READ_MAX = MiB
 READERS_BOUND = MAX_MEMORY + READERS * IN_FLIGHT_COPIES * FUSE_READ_MAX
 # Writers: the parts uploading (parts_in_flight) and the one being filled
