@@ -9,7 +9,8 @@
 Starts SeaweedFS (``weed mini``, every listener on 127.0.0.1, telemetry off), makes the
 objects the selected workloads need (bench/dataset.py), then runs each workload ``--runs``
 rounds, each round every client once (so drift in the machine's load hits every client
-alike). Every run of a mount client is a fresh mount; before the timed part the page
+alike), in the opposite order every other round (the place in a round mattered: in two
+A/Bs between Pail variants the later one won either way round). Every run of a mount client is a fresh mount; before the timed part the page
 cache is dropped and the server's files read back into it (bench.system.prepare_run; for
 writes only dropped, bench.system.settle). Workloads (bench/workloads.py has what each
 times, bench/raw.py what the raw client does):
@@ -328,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             results[workload] = {"clients": {c: {"runs": []} for c in clients}}
             for round_no in range(1, args.runs + 1):
-                for client in clients:  # interleaved, so drift in machine load hits every client
+                # Interleaved, so drift in machine load hits every client; every other round
+                # backwards, so no client always runs first.
+                for client in (clients if round_no % 2 else clients[::-1]):
                     try:
                         run = bench.run(workload, client, round_no)
                     except Exception as exc:  # noqa: BLE001 - recorded; the other runs go on
