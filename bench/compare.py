@@ -10,9 +10,10 @@ Starts SeaweedFS (``weed mini``, every listener on 127.0.0.1, telemetry off), ma
 objects the selected workloads need (bench/dataset.py), then runs each workload ``--runs``
 rounds, each round every client once (so drift in the machine's load hits every client
 alike), in the opposite order every other round (the place in a round mattered: in two
-A/Bs between Pail variants the later one won either way round). Every run of a mount client is a fresh mount; before the timed part the page
-cache is dropped and the server's files read back into it (bench.system.prepare_run; for
-writes only dropped, bench.system.settle). Workloads (bench/workloads.py has what each
+A/Bs between Pail variants the later one won either way round). Every run of a mount
+client is a fresh mount; before the timed part the page cache is dropped and the
+server's files read back into it (bench.system.prepare_run; for writes only dropped,
+bench.system.settle). Workloads (bench/workloads.py has what each
 times, bench/raw.py what the raw client does):
 
   mount          the mount command to a live mount (and mounted again at once: warm)

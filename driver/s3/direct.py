@@ -357,7 +357,7 @@ class _Receiving:
                 # the socket had some bytes. Four parallel readers of 1 GiB, rounds
                 # alternating in order: 497 -> 562 MB/s, the mount's CPU 6.2 -> 5.0 s.
                 self._sock.setblocking(True)
-                seconds = max(self._timeout, 0.001)
+                seconds = max(self._timeout, 0.001)  # a zero SO_RCVTIMEO would mean none
                 self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
                                       struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000)))
                 flags = socket.MSG_WAITALL
