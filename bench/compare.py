@@ -42,9 +42,9 @@ the test data is uploaded directly, before it starts.
 
 Clients: pail (default options), pail-cache (``--cache DIR --max-cache-size 2GiB``, DIR a
 fresh directory on local disk; only in reread and the random reads, where data is read
-again), s3fs, rclone, rclone-modtime (ls -l only) and raw (bench/peers.py, bench/raw.py);
-pail-crt (small ranged GETs through awscrt as before driver.s3.direct; in the read
-workloads) only when named in --clients.
+again), pail-dio (``--direct-io``; in the read workloads), s3fs, rclone, rclone-modtime
+(ls -l only) and raw (bench/peers.py, bench/raw.py); pail-crt (small ranged GETs through
+awscrt as before driver.s3.direct; in the read workloads) only when named in --clients.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ from bench.system import (
 )
 from bench.workloads import WORKLOADS
 
-CLIENTS = ("pail", "pail-cache", "pail-crt", "s3fs", "rclone", "rclone-modtime", "raw")
+CLIENTS = ("pail", "pail-cache", "pail-dio", "pail-crt", "s3fs", "rclone", "rclone-modtime", "raw")
 # pail-crt measures one change (Pail's own small GETs): only when asked for.
 DEFAULT_CLIENTS = tuple(c for c in CLIENTS if c != "pail-crt")
 SCALES = {  # size MiB, list objects, small files, random reads per thread

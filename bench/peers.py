@@ -9,6 +9,7 @@ started, whatever state they are in.
 - pail: ``pail mount`` through bench.mounts.Mounts, default options.
 - pail-cache: the same with ``--cache DIR --max-cache-size 2GiB``, DIR a fresh directory
   on local disk for every mount (removed after unmount).
+- pail-dio: the same with ``--direct-io`` (files read past the kernel's page cache).
 - pail-crt: default options with PAIL_DATA_PATH=crt: small ranged GETs through awscrt
   too, not Pail's own sockets (driver.s3.direct), to measure what those change. The Pail
   clients run with
@@ -46,8 +47,8 @@ from bench.system import BenchError, is_mounted
 
 LIVE_TIMEOUT = 60.0
 UNMOUNT_TIMEOUT = 30.0
-MOUNT_CLIENTS = ("pail", "pail-cache", "pail-crt", "s3fs", "rclone", "rclone-modtime")
-PAIL_CLIENTS = ("pail", "pail-cache", "pail-crt")
+MOUNT_CLIENTS = ("pail", "pail-cache", "pail-dio", "pail-crt", "s3fs", "rclone", "rclone-modtime")
+PAIL_CLIENTS = ("pail", "pail-cache", "pail-dio", "pail-crt")
 CACHE_SIZE = "2GiB"  # pail-cache's --max-cache-size: the whole large object (1 GiB) fits
 
 # What s3fs 1.90 does unless told otherwise (from its man page), recorded with the results
@@ -135,6 +136,8 @@ class MountClients:
                            "cache": f"a fresh directory for every mount under {self.cache_root} "
                                     f"({filesystem(self.cache_root)}); Pail uses CACHE/pail-cache",
                            "environment": "PROMETHEUS_MULTIPROC_DIR=a fresh directory (the mount's counters)"},
+            "pail-dio": {"command": "pail mount BUCKET DIR --endpoint-url URL --region us-east-1 --direct-io",
+                         "environment": "PROMETHEUS_MULTIPROC_DIR=a fresh directory (the mount's counters)"},
             "pail-crt": {"command": "pail mount BUCKET DIR --endpoint-url URL --region us-east-1 (default options)",
                          "environment": "PAIL_DATA_PATH=crt; PROMETHEUS_MULTIPROC_DIR=a fresh directory"},
             "s3fs": {"command": " ".join(self._s3fs_args("DIR")), "defaults": S3FS_DEFAULTS},
@@ -154,6 +157,8 @@ class MountClients:
             if client == "pail-cache":
                 cache_dir = Path(tempfile.mkdtemp(prefix=f"cache-{self.count}-", dir=self.cache_root))
                 options = ("--cache", str(cache_dir), "--max-cache-size", CACHE_SIZE)
+            elif client == "pail-dio":
+                options = ("--direct-io",)
             t0 = time.perf_counter()
             data_path = "crt" if client == "pail-crt" else None
             directory, pid, log_path = self.pail.mount(self.server, self.bucket, self.server.endpoint, data_path,

@@ -2,7 +2,8 @@
 
 summarize() turns each client's runs of a workload into a median and a min–max;
 ratios() divides Pail's median by each peer's and by the raw client's, and Pail with
---cache's (pail-cache) by Pail's and the raw client's, per row of the table; markdown()
+--cache's (pail-cache) by Pail's and the raw client's, and Pail with --direct-io's
+(pail-dio) by s3fs's and the raw client's, per row of the table; markdown()
 and chart() present them. A ratio is Pail / peer: above 1 Pail is ahead where higher is
 better (MB/s), behind where lower is better (seconds). A workload with a second pass
 (reread's epoch 2, the random reads' second pass) has a second row, of the runs'
@@ -19,10 +20,11 @@ from dataclasses import dataclass
 from bench.distant import describe as describe_distant
 from bench.workloads import WORKLOADS
 
-CLIENT_LABELS = {"pail": "Pail", "pail-cache": "Pail --cache", "pail-crt": "Pail, awscrt only", "s3fs": "s3fs",
+CLIENT_LABELS = {"pail": "Pail", "pail-cache": "Pail --cache", "pail-dio": "Pail --direct-io",
+                 "pail-crt": "Pail, awscrt only", "s3fs": "s3fs",
                  "rclone": "rclone", "rclone-modtime": "rclone --use-server-modtime", "raw": "raw client"}
 PEERS = ("s3fs", "rclone", "raw")
-MOUNT_CLIENTS = ("pail", "pail-cache", "pail-crt", "s3fs", "rclone", "rclone-modtime")
+MOUNT_CLIENTS = ("pail", "pail-cache", "pail-dio", "pail-crt", "s3fs", "rclone", "rclone-modtime")
 
 
 @dataclass(frozen=True)
@@ -69,16 +71,17 @@ def ratios(result: dict, row: Row) -> dict:
         s = clients.get(client, {}).get("summaries", {}).get(row.field)
         return s["median"] if s else None
 
-    pail, cached = median("pail"), median("pail-cache")
+    pail, cached, direct = median("pail"), median("pail-cache"), median("pail-dio")
     out = {}
     for peer in ("pail-crt", "s3fs", "rclone", "rclone-modtime", "raw"):
         other = median(peer)
         if pail is not None and other:
             out[f"pail/{peer}"] = pail / other
-    for other_name in ("pail", "raw"):
-        other = median(other_name)
-        if cached is not None and other:
-            out[f"pail-cache/{other_name}"] = cached / other
+    for variant, value, others in (("pail-cache", cached, ("pail", "raw")), ("pail-dio", direct, ("s3fs", "raw"))):
+        for other_name in others:
+            other = median(other_name)
+            if value is not None and other:
+                out[f"{variant}/{other_name}"] = value / other
     return out
 
 
@@ -101,6 +104,7 @@ def markdown(result: dict) -> str:
     has_modtime = "rclone-modtime" in present
     has_cache = "pail-cache" in present
     has_crt = "pail-crt" in present
+    has_dio = "pail-dio" in present
     lines = [
         (f"Pail against s3fs-fuse, rclone mount and a raw S3 client on one local SeaweedFS (127.0.0.1), "
          f"{result['date']}: median of {config['runs']} runs (min–max), each on a fresh mount with the page "
@@ -115,9 +119,10 @@ def markdown(result: dict) -> str:
         "",
         "| workload | unit | better | " + " | ".join(CLIENT_LABELS[c] for c in present)
         + " | Pail/s3fs | Pail/rclone | Pail/raw |" + (" Pail/Pail, awscrt only |" if has_crt else "")
-        + (" Pail --cache/Pail | Pail --cache/raw |" if has_cache else ""),
+        + (" Pail --cache/Pail | Pail --cache/raw |" if has_cache else "")
+        + (" Pail --direct-io/s3fs | Pail --direct-io/raw |" if has_dio else ""),
         "|---|---|---|" + "---:|" * len(present) + "---:|---:|---:|" + ("---:|" if has_crt else "")
-        + ("---:|---:|" if has_cache else ""),
+        + ("---:|---:|" if has_cache else "") + ("---:|---:|" if has_dio else ""),
     ]
     for row in rows(list(result["workloads"])):
         clients = result["workloads"][row.workload]["clients"]
@@ -139,6 +144,8 @@ def markdown(result: dict) -> str:
             ratio_cells.append(_fmt(r.get("pail/pail-crt")))
         if has_cache:
             ratio_cells += [_fmt(r.get("pail-cache/pail")), _fmt(r.get("pail-cache/raw"))]
+        if has_dio:
+            ratio_cells += [_fmt(r.get("pail-dio/s3fs")), _fmt(r.get("pail-dio/raw"))]
         lines.append(f"| {_labels(row, config)} | {row.unit} | {row.better} | " + " | ".join(cells) + " | "
                      + " | ".join(ratio_cells) + " |")
     lines += ["", ("Ratios are Pail's median divided by the other client's median from the same run: above 1 "
@@ -148,6 +155,9 @@ def markdown(result: dict) -> str:
                      f"local disk for every mount; it runs only where data is read again (reread, random reads). "
                      f"Second pass / epoch 2: the same reads again on the same mount after the page cache was "
                      f"dropped (and the server's files read back into it)." + _cache_counts(result))
+    if has_dio:
+        lines.append("Pail --direct-io is `pail mount --direct-io`: files opened for reading bypass the kernel's "
+                     "page cache; it runs in the read workloads.")
     if has_modtime:
         lines.append("¹ For ls -l, Pail/rclone is against rclone with --use-server-modtime, the setting rclone "
                      "documents for fast listings (without it rclone reads every object's modification time "
@@ -254,7 +264,8 @@ def chart(result: dict, path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"pail": "#2a7ab0", "pail-cache": "#7fb6dd", "pail-crt": "#1d4f72", "s3fs": "#e08a2c", "rclone": "#4d9e4d",
+    colors = {"pail": "#2a7ab0", "pail-cache": "#7fb6dd", "pail-dio": "#5a9fd0", "pail-crt": "#1d4f72",
+              "s3fs": "#e08a2c", "rclone": "#4d9e4d",
               "rclone-modtime": "#96c996", "raw": "#888888"}
     panels = []
     for row in rows(list(result["workloads"])):

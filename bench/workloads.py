@@ -26,10 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD_TIMEOUT = 300.0
 VISIBLE_TIMEOUT = 60.0
 MOUNTS = ("pail", "s3fs", "rclone")
-# pail-crt (asked for by name) where Pail's own small GETs can matter: reads.
-READERS = (*MOUNTS, "pail-crt", "raw")
+# pail-crt (asked for by name) where Pail's own small GETs can matter, and pail-dio
+# (--direct-io, which changes only reads): reads.
+READERS = (*MOUNTS, "pail-dio", "pail-crt", "raw")
 # Pail with --cache runs only where a cache can matter: data read again.
-CACHED_READERS = ("pail", "pail-cache", "pail-crt", "s3fs", "rclone", "raw")
+CACHED_READERS = ("pail", "pail-cache", "pail-dio", "pail-crt", "s3fs", "rclone", "raw")
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,10 @@ def build_parser(strict: bool = False) -> argparse.ArgumentParser:
                        help="keep object data read on local disk in DIR, for programs that read the same "
                             "data again (default: no cache)")
     files.add_argument("--max-cache-size", help="disk space the --cache may use (default 1GiB)")
+    files.add_argument("--direct-io", action="store_true",
+                       help="read files past the kernel's page cache: faster large reads, but a shared "
+                            "mmap of a file fails (ENODEV) and every read() is a request to the mount "
+                            "(default: off)")
     objects = mount.add_argument_group("objects")
     objects.add_argument("--storage-class", help="storage class of new objects (e.g. STANDARD_IA)")
     objects.add_argument("--sse", choices=SSE_MODES, help="server-side encryption of new objects")
@@ -233,6 +237,7 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         max_memory=parse_size(args.max_memory, "--max-memory"),
         cache_dir=_cache_dir(args),
         max_cache_size=parse_size(args.max_cache_size or "1GiB", "--max-cache-size"),
+        direct_io=args.direct_io,
         write_part_size=parse_size(args.write_part_size, "--write-part-size"),
         allow_overwrite=args.allow_overwrite,
         allow_delete=args.allow_delete,

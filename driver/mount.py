@@ -48,9 +48,10 @@ def run_mount(config: MountConfig, region: str, session=None, *, ready_fd: int |
     _reuse_freed_buffers()
     volume = {"volume_id": os.environ[VOLUME_ID_ENV]} if os.environ.get(VOLUME_ID_ENV) else {}
     structlog.contextvars.bind_contextvars(**volume, bucket=config.s3.bucket, prefix=config.fs.prefix)
-    log.info("starting", mountpoint=config.mountpoint, region=region, endpoint=_without_userinfo(config.s3.endpoint_url),
-             read_only=config.fs.read_only, metadata_ttl=config.fs.metadata_ttl,
-             cache=config.fs.cache_dir, max_cache_size=config.fs.max_cache_size if cache else None)
+    log.info("starting", mountpoint=config.mountpoint, region=region,
+             endpoint=_without_userinfo(config.s3.endpoint_url), read_only=config.fs.read_only,
+             metadata_ttl=config.fs.metadata_ttl, cache=config.fs.cache_dir,
+             max_cache_size=config.fs.max_cache_size if cache else None, direct_io=config.fs.direct_io)
 
     async def main() -> None:
         # The bucket was checked just before (cli._check_before_mount).

@@ -120,11 +120,11 @@ def test_compare_benchmark_runs_end_to_end(tmp_path):
     """Two tiny workloads of the comparative benchmark, Pail and the raw client only (s3fs
     and rclone are not test dependencies; the PNG is written only where matplotlib is),
     plus Pail with --cache, which runs only in reread: the object read twice on one mount,
-    the page cache dropped in between."""
-    report = run_compare(tmp_path, "--only", "seq_read,reread", "--clients", "pail,pail-cache,raw")
+    the page cache dropped in between; and Pail with --direct-io, in both."""
+    report = run_compare(tmp_path, "--only", "seq_read,reread", "--clients", "pail,pail-cache,pail-dio,raw")
     assert list(report["workloads"]) == ["seq_read", "reread"]
     clients = report["workloads"]["seq_read"]["clients"]
-    assert set(clients) == {"pail", "raw"}  # pail-cache only where data is read again
+    assert set(clients) == {"pail", "pail-dio", "raw"}  # pail-cache only where data is read again
     for name, client in clients.items():
         [run] = client["runs"]
         assert "error" not in run, run
@@ -139,12 +139,16 @@ def test_compare_benchmark_runs_end_to_end(tmp_path):
     table = (tmp_path / "compare.md").read_text()
     assert "| sequential read, 8 MiB object | MB/s | higher |" in table
     assert f"{ratio:.2f} |" in table
+    direct = report["ratios"]["seq_read"]["pail-dio/raw"]
+    assert direct == clients["pail-dio"]["summaries"]["mb_s"]["median"] / clients["raw"]["summaries"]["mb_s"]["median"]
+    assert "| Pail --direct-io/s3fs | Pail --direct-io/raw |" in table and f"{direct:.2f} |" in table
+    assert report["config"]["client_configs"]["pail-dio"]["command"].endswith("--direct-io")
     traffic = clients["pail"]["runs"][0]["loopback_mib"] / clients["raw"]["runs"][0]["loopback_mib"]
     assert f"Traffic on 127.0.0.1 relative to the raw client doing the same reads (median; above 1: bytes " \
-           f"fetched that the program did not read): sequential read, 8 MiB object: Pail {traffic:.2f}." in table
+           f"fetched that the program did not read): sequential read, 8 MiB object: Pail {traffic:.2f}, " in table
 
     reread = report["workloads"]["reread"]["clients"]
-    assert set(reread) == {"pail", "pail-cache", "raw"}
+    assert set(reread) == {"pail", "pail-cache", "pail-dio", "raw"}
     for name, client in reread.items():
         [run] = client["runs"]
         assert "error" not in run, run

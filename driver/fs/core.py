@@ -50,7 +50,8 @@ class WriteHandle:
     committed: bool = False  # fsync completed the object: no more writes
 
 
-def _wants_write(flags: int) -> bool:
+def wants_write(flags: int) -> bool:
+    """Whether an open with these flags makes a write handle (a new object)."""
     return (flags & _ACCESS) != os.O_RDONLY or bool(flags & (os.O_TRUNC | os.O_APPEND))
 
 
@@ -300,7 +301,7 @@ class Filesystem:
         inode = self._inode(ino)
         if inode.is_dir:
             raise FsError(errno.EISDIR, "open of a directory")
-        if _wants_write(flags):
+        if wants_write(flags):
             return self._open_for_writing(inode, flags, pid), False
         if inode.writer is not None:
             raise FsError(errno.EPERM, "the file is being written: it can be read once complete")

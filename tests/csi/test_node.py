@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import stat
 
@@ -89,10 +91,16 @@ def test_readonly_and_reader_only_modes_are_read_only(bucket, kubelet, attribute
 def test_mount_options_from_the_pv(s3, bucket, kubelet, attributes):
     s3.put_object(Bucket=bucket, Key="a/b.txt", Body=b"1")
     pod = kubelet.new_pod()
-    cap = capability(flags=["uid=1001", "--gid 1002", "allow-delete", "--metadata-ttl=indefinite", "prefix=a"])
+    cap = capability(flags=["uid=1001", "--gid 1002", "allow-delete", "--metadata-ttl=indefinite", "prefix=a",
+                            "direct-io"])
     target = kubelet.publish(pod, "pv-opts", attributes, cap=cap)
     st = os.stat(target / "b.txt")
     assert (st.st_uid, st.st_gid) == (1001, 1002)
+    with open(target / "b.txt", "rb") as f:
+        assert f.read() == b"1"
+        with pytest.raises(OSError) as refused:  # direct-io: no shared map
+            mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        assert refused.value.errno == errno.ENODEV
     os.unlink(target / "b.txt")
     assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
 
