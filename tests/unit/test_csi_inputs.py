@@ -3,6 +3,9 @@ and dynamic volume ids (driver.csi.context, .mount_flags, .volume_id)."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -113,6 +116,14 @@ def test_every_allowed_option_is_a_pail_mount_option():
     assert known - {"help"} == ALLOWED | set(REFUSED), "a new pail mount option: allow or refuse it"
     flags = {s[2:] for action in mount._actions if action.nargs == 0 for s in action.option_strings}
     assert FLAGS <= flags and not VALUE_OPTIONS & flags
+
+
+def test_every_allowed_option_is_in_the_readmes_table_of_mount_options():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Mount options", 1)[1]
+    first_cells = [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| `")]
+    documented = {name for cell in first_cells for name in re.findall(r"`([a-z][a-z-]*)(?:=[^`]*)?`", cell)}
+    assert ALLOWED <= documented, f"not in README's mount options: {sorted(ALLOWED - documented)}"
 
 
 @pytest.mark.parametrize("flags", [
