@@ -4,7 +4,8 @@
                                        [--latency-ms 30 --connection-mbs 100]
 
 Starts a local SeaweedFS (everything on 127.0.0.1), uploads one object of random bytes,
-then measures, ``--runs`` times each, interleaved round by round:
+then measures, ``--runs`` times each, interleaved round by round (every other round in
+the opposite order: in a fixed order the later variant of a pair won either way round):
 
   raw_awscrt    awscrt.s3.S3Client GET_OBJECT of the whole object (auto-ranged parallel
                 8 MiB parts, SigV4), the body discarded in on_body
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 
         runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
         for round_no in range(1, args.runs + 1):
-            for name in VARIANTS:  # interleaved, so drift in machine load hits every variant
+            # Interleaved, so drift in machine load hits every variant.
+            for name in (list(VARIANTS) if round_no % 2 else list(VARIANTS)[::-1]):
                 if name.startswith("raw_"):
                     prepared = prepare_run(server)
                     run = (raw_awscrt if name == "raw_awscrt" else raw_boto3)(target, bucket, size)
