@@ -265,8 +265,7 @@ def chart(result: dict, path) -> bool:
     import matplotlib.pyplot as plt
 
     colors = {"pail": "#2a7ab0", "pail-cache": "#7fb6dd", "pail-dio": "#5a9fd0", "pail-crt": "#1d4f72",
-              "s3fs": "#e08a2c", "rclone": "#4d9e4d",
-              "rclone-modtime": "#96c996", "raw": "#888888"}
+              "s3fs": "#e08a2c", "rclone": "#4d9e4d", "rclone-modtime": "#96c996", "raw": "#888888"}
     panels = []
     for row in rows(list(result["workloads"])):
         clients = result["workloads"][row.workload]["clients"]
