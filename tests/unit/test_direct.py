@@ -19,7 +19,7 @@ import trio
 
 from driver.config import S3Settings
 from driver.s3 import api
-from driver.s3.direct import THREAD_BODY, SocketGets
+from driver.s3.direct import THREAD_BODY, SocketGets, _Receiving
 from tests.support.listening import accepted
 from tests.support.tls import TlsFront, certificates
 
@@ -303,6 +303,39 @@ def test_a_large_body_that_stops_coming_is_an_error_within_the_request_timeout(s
     server = server_with(("stall", half), ("stall", half), ("stall", half))
     [failed] = run(gets(server.port, request_timeout=1.0), (0, len(BIG)))
     assert isinstance(failed, api.Unreachable)
+
+
+def test_a_body_receiver_stops_on_its_own_receive_timeout_and_hands_the_socket_back():
+    """The worker thread's own bound, behind the request's deadline (which cancels first
+    in a read): a body that stops coming is a TimeoutError, the bytes that came are kept,
+    and the socket is non-blocking again for the loop."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.create_connection(listener.getsockname())
+        theirs, _ = listener.accept()
+    view = memoryview(bytearray(64 * 1024))
+    receiving = _Receiving(ours, view, timeout=0.2)
+    outcome = []
+
+    def receive():
+        try:
+            receiving.run()
+            outcome.append("returned")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    try:
+        theirs.sendall(b"x" * 1000)  # then nothing, and the connection stays open
+        worker = threading.Thread(target=receive, daemon=True)
+        worker.start()
+        worker.join(10)
+        assert not worker.is_alive(), "the receive timeout did not end the receive"
+        [failed] = outcome
+        assert isinstance(failed, TimeoutError) and "no bytes for 0.2 s" in str(failed)
+        assert bytes(view[:1000]) == b"x" * 1000
+        assert not ours.getblocking()
+    finally:
+        theirs.close()
+        ours.close()
 
 
 def test_no_server_is_an_error_naming_the_address_and_not_the_secret():
