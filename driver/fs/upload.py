@@ -30,7 +30,8 @@ class Upload:
         self._client = client
         self._part_size = part_size
         self._nursery = nursery
-        self._buffer = bytearray()
+        self._chunks: list[bytes] = []  # what was written since the last part, as written
+        self._buffered = 0
         self._upload_id: str | None = None
         self._parts: dict[int, UploadedPart] = {}
         self._started_parts = 0
@@ -63,15 +64,19 @@ class Upload:
             if self.size + len(data) > self.max_size:
                 raise FsError(errno.EFBIG, f"past {MAX_PARTS} parts of {self._part_size} bytes; "
                                            "a larger --write-part-size allows larger files")
-            self._buffer += data
-            self.size += len(data)
+            written = len(data)
+            self.size += written
+            data = data if isinstance(data, bytes) else bytes(data)  # the caller may reuse its buffer
             # A part goes once more data follows it: a file of exactly one part is then
             # one PutObject, and the last part is never empty.
-            while len(self._buffer) > self._part_size:
-                part = bytes(self._buffer[: self._part_size])
-                del self._buffer[: self._part_size]
-                await self._send(part)
-            return len(data)
+            while data:
+                if self._buffered == self._part_size:
+                    await self._send(self._take())
+                room = self._part_size - self._buffered
+                piece, data = (data, b"") if len(data) <= room else (data[:room], data[room:])
+                self._chunks.append(piece)
+                self._buffered += len(piece)
+            return written
 
     async def truncate(self) -> None:
         """Start over with nothing written (truncate to 0 while writing)."""
@@ -80,7 +85,8 @@ class Upload:
                 raise FsError(errno.EPERM, "truncate after the object was completed")
             await self._idle.wait()
             await self._abort()
-            self._buffer.clear()
+            self._chunks.clear()
+            self._buffered = 0
             self._parts.clear()
             self._started_parts = 0
             self._error = None
@@ -115,15 +121,23 @@ class Upload:
 
     async def _finish(self) -> ObjectInfo:
         if self._upload_id is None:
-            return await self._client.put_object(self.key, bytes(self._buffer))
-        if self._buffer:
-            await self._send(bytes(self._buffer))
-            self._buffer.clear()
+            return await self._client.put_object(self.key, self._take())
+        if self._buffered:
+            await self._send(self._take())
         await self._idle.wait()
         if self._error is not None:
             raise _Failed()
         parts = [self._parts[n] for n in sorted(self._parts)]
         return await self._client.complete_multipart_upload(self.key, self._upload_id, parts, self.size)
+
+    def _take(self) -> bytes:
+        """What was written since the last part, as one ``bytes``, copied once. Not a
+        bytearray: botocore's signer wraps the body in a BytesIO, which shares a bytes
+        object and copies anything else."""
+        part = b"".join(self._chunks)
+        self._chunks = []
+        self._buffered = 0
+        return part
 
     async def _send(self, data: bytes) -> None:
         if self._upload_id is None:

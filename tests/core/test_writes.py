@@ -90,6 +90,28 @@ def test_parts_upload_while_writing_with_bounded_memory():
     assert client._data["big"] == data
 
 
+def test_parts_are_whole_whatever_the_sizes_of_the_writes():
+    client = store()
+    data = os.urandom(7 * PART + 5)
+    sizes = [1, PART - 1, 3 * PART + 2, 7, PART, 2 * PART - 4]  # within, across and past parts
+    buffer = bytearray(max(sizes))
+
+    async def body(fs):
+        inode, fh = await fs.create(ROOT_INODE, "f.bin", NEW)
+        offset = 0
+        for size in sizes:
+            buffer[:size] = data[offset:offset + size]
+            assert await fs.write(fh, offset, memoryview(buffer)[:size]) == size
+            buffer[:] = bytes(len(buffer))  # the caller reuses its buffer once write returns
+            offset += size
+        await fs.flush(fh, opener_done=True)
+
+    run(client, body)
+    assert client._data["f.bin"] == data
+    part_sizes = [c.length for c in client.calls if c.operation == "UploadPart"]
+    assert part_sizes == [PART] * 7 + [5]
+
+
 def test_refusals_while_writing():
     client = store()
 
