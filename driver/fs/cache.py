@@ -5,7 +5,8 @@ Object data is kept in blocks of 1 MiB. A block holds the ranges of its MiB that
 have fetched, one file each (up to ``MAX_RANGES_PER_BLOCK``; a range replaces those it
 covers), the least recently used evicted past ``--max-cache-size``: a read that misses
 fetches what it needs, so a random read costs the bytes it asks for (not its whole MiB)
-and the next read of the same bytes comes from the disk. A block is named by the
+and the next read of the same bytes comes from the disk, also when they are in ranges
+side by side. A block is named by the
 object's key, its ETag and the block's number, so it only ever answers for the version a
 handle was opened with: a replaced object has another ETag and is fetched afresh. Every
 range's file carries a CRC32C of its block's name, the range and its bytes, checked at
@@ -24,6 +25,7 @@ import concurrent.futures
 import errno
 import fcntl
 import hashlib
+import math
 import os
 import shutil
 import struct
@@ -113,13 +115,23 @@ class BlockStore:
             raise CacheDirError(f"{root}: {exc.strerror}") from None
         return cls(root, max_size, lock_file)
 
-    def covering(self, name: str, start: int, end: int) -> str | None:
-        """The file of a range of block ``name`` that holds bytes [start, end) of it."""
+    def covering(self, name: str, start: int, end: int) -> list[str] | None:
+        """Files of ranges of block ``name`` that together hold bytes [start, end) of it,
+        or None. Several when a read spans ranges that earlier reads fetched side by side
+        (a direct read's requests seldom start on a block)."""
         with self._mutex:
-            for file in self._ranges.get(name, ()):
-                if self._files[file][2].covers(start, end):
-                    return file
-        return None
+            spans = [(self._files[file][2], file) for file in self._ranges.get(name, ())]
+        chosen: list[str] = []
+        reached = start
+        while reached < end:
+            # Of the ranges that start by where the bytes so far reach, the one reaching furthest.
+            reach, file = max(((math.inf if span.ends_object else span.end, file)
+                               for span, file in spans if span.start <= reached), default=(0, ""))
+            if reach <= reached:
+                return None
+            chosen.append(file)
+            reached = reach
+        return chosen
 
     def read_into(self, file: str, identity: bytes, block: memoryview) -> Span | None:
         """Read a range's bytes into ``block`` (room for a whole block) where they lie in
@@ -264,8 +276,8 @@ class CachingObjectClient:
                           max(start, index * BLOCK_SIZE) - index * BLOCK_SIZE,
                           min(end, (index + 1) * BLOCK_SIZE) - index * BLOCK_SIZE)
                   for index in range(first, last + 1)}
-        held = [(index, file, identity) for index, (name, identity, low, high) in wanted.items()
-                if (file := self._store.covering(name, low, high)) is not None]
+        held = [(index, files, identity) for index, (name, identity, low, high) in wanted.items()
+                if (files := self._store.covering(name, low, high)) is not None]
         pieces: dict[int, tuple[Span, memoryview]] = {}
         if held:
             # Allocated here, filled there: memory a worker thread allocates comes from its
@@ -317,15 +329,17 @@ class CachingObjectClient:
         self._writer.shutdown(wait=True)
         self._store.close()
 
-    def _read_blocks(self, blocks: list[tuple[int, str, bytes]],
+    def _read_blocks(self, blocks: list[tuple[int, list[str], bytes]],
                      buffer: memoryview) -> dict[int, tuple[Span, memoryview]]:
-        """The ranges (block, file, identity) that check out, each read into its own MiB
-        of ``buffer``."""
+        """The blocks (index, files of its ranges, identity) whose ranges all check out,
+        each read into its own MiB of ``buffer``, where the ranges lie in it."""
         found = {}
-        for n, (index, file, identity) in enumerate(blocks):
+        for n, (index, files, identity) in enumerate(blocks):
             room = buffer[n * BLOCK_SIZE:(n + 1) * BLOCK_SIZE]
-            span = self._store.read_into(file, identity, room)
-            if span is not None:
+            spans = [self._store.read_into(file, identity, room) for file in files]
+            if None not in spans:
+                # covering() chose them overlapping or touching, in order: one span.
+                span = Span(spans[0].start, spans[-1].end, spans[-1].ends_object)
                 found[index] = (span, room[span.start:span.end])
         return found
 

@@ -85,6 +85,45 @@ def test_a_miss_fetches_what_it_needs_and_a_wider_range_replaces_those_it_covers
                             (0, BLOCK_SIZE + 10)]
 
 
+def test_a_read_across_ranges_fetched_side_by_side_comes_from_the_disk(tmp_path):
+    memory, cached = cached_client(tmp_path)
+    data = random.Random(9).randbytes(2 * BLOCK_SIZE + 300)
+    etag = memory.put("k", data).etag
+
+    async def read(start, length):
+        assert bytes(await cached.get_range("k", start, length, etag=etag)) == data[start:start + length]
+        await settle(cached)
+
+    async def main():
+        # As a direct read cuts them: requests that do not start on a block.
+        for start in range(48, len(data), 700_000):
+            await read(start, 700_000)
+        await read(0, 48)
+        fetched = len(gets(memory))
+        await read(0, len(data))  # across every range of every block
+        await read(690_000, 20_000)  # two ranges that overlap
+        await read(BLOCK_SIZE - 5, 2 * BLOCK_SIZE)  # to past the end
+        assert len(gets(memory)) == fetched, "no byte read before is fetched again"
+        await cached.aclose()
+
+    trio.run(main)
+
+
+def test_a_gap_between_cached_ranges_is_fetched(tmp_path):
+    memory, cached = cached_client(tmp_path)
+    data = random.Random(10).randbytes(BLOCK_SIZE)
+    etag = memory.put("k", data).etag
+
+    async def main():
+        for start, length in [(0, 1000), (1001, 1000), (0, 2001)]:
+            assert bytes(await cached.get_range("k", start, length, etag=etag)) == data[start:start + length]
+            await settle(cached)
+        await cached.aclose()
+
+    trio.run(main)
+    assert gets(memory) == [(0, 1000), (1001, 1000), (0, 2001)]
+
+
 def test_a_block_keeps_a_bounded_number_of_ranges(tmp_path):
     memory, cached = cached_client(tmp_path)
     data = random.Random(8).randbytes(BLOCK_SIZE)
