@@ -12,11 +12,14 @@ import argparse
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from urllib.parse import urlsplit
+
+import structlog
 
 from driver import __version__
 from driver import log as logging_setup
@@ -285,22 +288,26 @@ def _check_before_mount(config: MountConfig):
     return region, session
 
 
-def mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def mount(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if not config.foreground:
-        # The mount process checks the bucket and says why it cannot mount: checking here
-        # too would double the wait (an interpreter importing boto3, a HeadBucket).
+        # The forked mount process checks the bucket and says why it cannot mount;
+        # checking here too would double the wait (importing boto3, a HeadBucket).
         problem = check_mount_directory(config.mountpoint)
         if problem:
             raise CommandError(problem, readiness.DIRECTORY)
-        return _mount_in_background(argv)
+        return _mount_in_background(config, args)
+    return _mount_here(config, args, args.ready_fd)
+
+
+def _mount_here(config: MountConfig, args: argparse.Namespace, ready_fd: int | None) -> int:
     region, session = _check_before_mount(config)
     cache = _open_cache(config)
     from driver.mount import run_mount
 
     logging_setup.configure(config.log_format, debug=config.debug, path=config.log_file,
-                            syslog=args.ready_fd is not None)
-    return run_mount(config, region, session, ready_fd=args.ready_fd, cache=cache)
+                            syslog=ready_fd is not None)
+    return run_mount(config, region, session, ready_fd=ready_fd, cache=cache)
 
 
 def _open_cache(config: MountConfig):
@@ -315,16 +322,20 @@ def _open_cache(config: MountConfig):
         raise CommandError(f"--cache: {exc}", readiness.INVALID) from None
 
 
-def _mount_in_background(argv: Sequence[str]) -> int:
-    """Run the same mount with --foreground in a new session; wait until it answers."""
+def _mount_in_background(config: MountConfig, args: argparse.Namespace) -> int:
+    """Run the mount in a forked process in a new session; wait until it answers.
+
+    Forked, not started afresh: a new interpreter would start and import this module
+    again (0.1–0.25 s of a mount's start, docs/ARCHITECTURE.md). Nothing here has
+    started a thread yet, so the fork is safe."""
     read_end, write_end = os.pipe()
-    command = [sys.executable, "-m", "driver", *argv, "--foreground", "--ready-fd", str(write_end)]
-    with open(os.devnull, "r+b") as devnull:
-        child = subprocess.Popen(command, stdin=devnull, stdout=devnull, stderr=devnull,
-                                 pass_fds=[write_end], start_new_session=True, close_fds=True)
+    pid = os.fork()
+    if pid == 0:  # returns when the mount ends, and the process exits as a foreground mount does
+        return _run_forked_mount(config, args, read_end, write_end)
     os.close(write_end)
     deadline = time.monotonic() + READY_TIMEOUT
     message = b""
+    ended = False
     with os.fdopen(read_end, "rb") as ready:
         while b"\n" not in message and time.monotonic() < deadline:
             readable, _, _ = select.select([ready], [], [], max(0.0, deadline - time.monotonic()))
@@ -332,18 +343,51 @@ def _mount_in_background(argv: Sequence[str]) -> int:
                 break
             chunk = os.read(ready.fileno(), 4096)
             if not chunk:
-                break  # the mount process ended without a word
+                ended = True  # the mount process ended without a word
+                break
             message += chunk
     line = message.decode("utf-8", "replace").strip()
     if not line:
-        if child.poll() is None:
-            child.kill()
+        # An ending process closes its pipe a moment before it can be waited for.
+        code = _exit_code_within(pid, 5.0 if ended else 0.0)
+        if code is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
             raise CommandError(f"the mount did not answer within {READY_TIMEOUT:.0f} s")
-        raise CommandError(f"the mount process exited with status {child.wait()}")
+        raise CommandError(f"the mount process exited with status {code}")
     error = readiness.parse(line)
     if error is None:
         return 0
     raise CommandError(error[1], error[0])
+
+
+def _exit_code_within(pid: int, seconds: float) -> int | None:
+    deadline = time.monotonic() + seconds
+    while True:
+        ended, status = os.waitpid(pid, os.WNOHANG)
+        if ended:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.01)
+
+
+def _run_forked_mount(config: MountConfig, args: argparse.Namespace, read_end: int, write_end: int) -> int:
+    """The forked mount process: detached from the terminal, answering on ``write_end``.
+    Nothing may escape from here into the caller's code, which is the parent's."""
+    try:
+        os.close(read_end)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        return _mount_here(config, args, write_end)
+    except CommandError as exc:  # before mounting: write_end is still open and unused
+        _tell_parent(write_end, readiness.error_line(exc.kind, str(exc)))
+    except BaseException:  # noqa: BLE001 (run_mount told the parent; the log says why)
+        structlog.get_logger("pail.mount").exception("mount process failed")
+    return EXIT_FAILURE
 
 
 def csi(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -430,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "mount":
-            return mount(args, argv)
+            return mount(args)
         if args.command == "csi":
             return csi(args, argv)
         return unmount(args)

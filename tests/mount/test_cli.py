@@ -63,6 +63,7 @@ def test_background_mount_returns_live_and_unmount_ends_it(s3_server, s3, bucket
     assert (mountpoint / "hello.txt").read_bytes() == b"hi\n"
     pids = mount_processes(mountpoint)
     assert len(pids) == 1
+    assert os.getsid(pids[0]) == pids[0], "the mount leads its own session: a closed terminal does not end it"
     cmdline = Path(f"/proc/{pids[0]}/cmdline").read_bytes()
     assert s3_server.secret_key.encode() not in cmdline
     assert s3_server.access_key.encode() not in cmdline
