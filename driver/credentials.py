@@ -219,7 +219,12 @@ def session(credentials_file: str | None) -> boto3.Session:
     """The boto3 session of a mount: the credentials file alone when given (never falling
     back to the node's own credentials), else the standard chain."""
     if not credentials_file:
-        return boto3.Session()
+        core = botocore.session.get_session()
+        try:
+            core.get_scoped_config()  # now, not at the first request: a broken config is one line
+        except (botocore.exceptions.ProfileNotFound, botocore.exceptions.ConfigParseError) as exc:
+            raise CredentialError("invalid", f"AWS configuration: {exc}") from None
+        return boto3.Session(botocore_session=core)
     credentials = FileCredentials(credentials_file)
     core = botocore.session.get_session()
     core.register_component("credential_provider",

@@ -117,6 +117,23 @@ def test_public_bucket_with_no_sign_request(s3_server, s3, bucket, mountpoint):
 
 
 @pytest.mark.s3_servers("moto")
+@pytest.mark.parametrize("setting, named", [
+    ("AWS_CONFIG_FILE", "Unable to parse config file"),
+    ("AWS_PROFILE", "The config profile (no-such) could not be found"),
+])
+def test_a_broken_aws_configuration_is_one_line(s3_server, bucket, mountpoint, tmp_path, setting, named):
+    config = tmp_path / "config"
+    config.write_text("[profile half\nregion = \n")
+    value = str(config) if setting == "AWS_CONFIG_FILE" else "no-such"
+    result = pail_cli("mount", bucket, str(mountpoint), "--endpoint-url", s3_server.endpoint,
+                      env={**s3_server.env(), setting: value})
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert f"AWS configuration: {named}" in result.stderr
+    assert_nothing_left(mountpoint)
+
+
+@pytest.mark.s3_servers("moto")
 def test_endpoint_that_does_not_answer(s3_server, mountpoint):
     closed = f"http://127.0.0.1:{free_port()}"
     result = pail_cli("mount", "some-bucket", str(mountpoint), "--endpoint-url", closed,
