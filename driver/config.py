@@ -215,14 +215,15 @@ class FsSettings:
     min_request: int = 256 * KiB
     max_request: int = 8 * MiB
     max_ahead: int = 4
-    max_memory: int = 256 * MiB  # prefetched bytes held by all open files together
+    max_memory: int = 256 * MiB  # prefetched bytes and upload parts of all open files together
     cache_dir: str | None = None  # local disk cache of object data (none: no cache)
     max_cache_size: int = 1024 * MiB
     # Files opened for reading bypass the kernel's page cache (FOPEN_DIRECT_IO): one copy
     # of every byte fewer, but no shared mmap and every read() a request to the mount.
     direct_io: bool = False
     # Writing: new objects are multipart uploads of write_part_size parts, at most
-    # parts_in_flight uploading while the writer fills the next.
+    # parts_in_flight uploading while the writer fills the next (past the first, within
+    # max_memory).
     write_part_size: int = 8 * MiB
     parts_in_flight: int = 4
     allow_overwrite: bool = False

@@ -365,7 +365,8 @@ class Filesystem:
     def _start_upload(self, inode: Inode, pid: int) -> int:
         assert self._nursery is not None
         upload = Upload(self.client, inode.key, part_size=self.settings.write_part_size,
-                        parts_in_flight=self.settings.parts_in_flight, nursery=self._nursery)
+                        parts_in_flight=self.settings.parts_in_flight, budget=self.budget,
+                        nursery=self._nursery)
         handle = WriteHandle(inode, upload, pid)
         inode.writer = handle
         inode.mtime = upload.started

@@ -2,8 +2,9 @@
 
 Nothing is sent until a part is full; a file that ends smaller becomes one PutObject.
 From the first full part on it is a multipart upload: each full part is uploaded while
-the writer fills the next, at most ``parts_in_flight`` at once, so a writer holds at most
-``(parts_in_flight + 1) * part_size`` bytes whatever the file's size. ``complete``
+the writer fills the next, at most ``parts_in_flight`` at once, those past the first only
+while the mount's memory budget (``--max-memory``, shared with prefetching) has room. A
+writer holds the part it fills and the parts in flight, whatever the file's size. ``complete``
 uploads the rest and completes the upload; any failure aborts it, so no incomplete
 upload is left behind, and is reported as EIO to every later call.
 """
@@ -17,6 +18,7 @@ import structlog
 import trio
 
 from driver.fs.errors import FsError, from_store, unexpected
+from driver.fs.prefetch import MemoryBudget
 from driver.s3.api import MAX_PARTS, ObjectClient, ObjectClientError, ObjectInfo, UploadedPart
 
 log = structlog.get_logger("pail.upload")
@@ -24,7 +26,7 @@ log = structlog.get_logger("pail.upload")
 
 class Upload:
     def __init__(self, client: ObjectClient, key: str, *, part_size: int, parts_in_flight: int,
-                 nursery: trio.Nursery) -> None:
+                 budget: MemoryBudget, nursery: trio.Nursery) -> None:
         self.key = key
         self.size = 0
         self._client = client
@@ -36,6 +38,8 @@ class Upload:
         self._parts: dict[int, UploadedPart] = {}
         self._started_parts = 0
         self._slots = trio.Semaphore(parts_in_flight)
+        self._budget = budget
+        self._part_finished = trio.Event()
         self._outstanding = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -148,13 +152,29 @@ class Upload:
                 self._log_failure(exc)
                 raise self._error from None
         await self._slots.acquire()  # backpressure: the writer waits for a free slot
+        try:
+            await self._charge(len(data))
+        except BaseException:
+            self._slots.release()
+            raise
         if self._error is not None:
             self._slots.release()
+            self._budget.release(len(data))
             raise self._error
         self._started_parts += 1
         self._outstanding += 1
         self._idle = trio.Event() if self._outstanding == 1 else self._idle
         self._nursery.start_soon(self._upload_part, self._started_parts, data)
+
+    async def _charge(self, size: int) -> None:
+        """Take a part in flight from the mount's memory budget, which readers' prefetching
+        shares. A writer's first part in flight is charged anyway, so every writer goes on;
+        more wait for room, or for one of this upload's parts to finish and give back its
+        own."""
+        while self._outstanding and not self._budget.try_reserve(size):
+            await self._part_finished.wait()
+        if not self._outstanding:
+            self._budget.reserve_anyway(size)
 
     async def _upload_part(self, number: int, data: bytes) -> None:
         try:
@@ -168,6 +188,9 @@ class Upload:
                 self._error = unexpected(exc, during="write", key=self.key, part=number)
         finally:
             self._slots.release()
+            self._budget.release(len(data))
+            self._part_finished.set()
+            self._part_finished = trio.Event()
             self._outstanding -= 1
             if self._outstanding == 0:
                 self._idle.set()

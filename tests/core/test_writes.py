@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 
 import pytest
@@ -88,6 +89,40 @@ def test_parts_upload_while_writing_with_bounded_memory():
     assert before_close >= 38, "parts go up while the file is written, not at close"
     assert client.max_in_flight <= 2
     assert client._data["big"] == data
+
+
+class CountingParts(MemoryClient):
+    """Counts UploadParts in flight at once."""
+
+    def __init__(self, **kwargs):
+        super().__init__(min_part_size=0, **kwargs)
+        self.parts_in_flight = self.max_parts_in_flight = 0
+
+    async def upload_part(self, *args, **kwargs):
+        self.parts_in_flight += 1
+        self.max_parts_in_flight = max(self.max_parts_in_flight, self.parts_in_flight)
+        try:
+            return await super().upload_part(*args, **kwargs)
+        finally:
+            self.parts_in_flight -= 1
+
+
+@pytest.mark.parametrize("max_memory, most_in_flight", [(2 * PART, 4), (8 * PART, 8), (64 * PART, 4 * 4)])
+def test_writers_share_the_memory_budget(max_memory, most_in_flight):
+    """Each of 4 writers always has one part in flight; more only while the parts in
+    flight stay within --max-memory, and no writer more than its parts_in_flight."""
+    client = CountingParts(latency=0.005)
+    files = {f"f{n}": os.urandom(12 * PART) for n in range(4)}
+
+    async def body(fs):
+        async with trio.open_nursery() as writers:
+            for name, data in files.items():
+                writers.start_soon(functools.partial(write_file, fs, name, data, chunk=PART))
+        assert fs.budget.used == 0, "every part gave its memory back"
+
+    run(client, body, parts_in_flight=4, min_request=PART, max_request=PART, max_memory=max_memory)
+    assert all(client._data[name] == data for name, data in files.items())
+    assert client.max_parts_in_flight == most_in_flight
 
 
 def test_parts_are_whole_whatever_the_sizes_of_the_writes():

@@ -59,6 +59,36 @@ def test_large_file_uploads_while_written_with_bounded_memory(s3, bucket, proxy,
     assert hashlib.sha256(body.read()).digest() == sha.digest()
 
 
+@pytest.mark.s3_servers("seaweedfs")
+def test_writers_at_once_stay_within_the_mounts_memory_budget(s3, bucket, mount_bucket):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.mount.test_prefetch import current_rss, peak_rss
+
+    part, writers, size = 5 * MiB, 6, 60 * MiB
+    mount = mount_bucket(bucket, "--max-memory", "8MiB", "--write-part-size", "5MiB")
+    rss_before = current_rss(mount.process.pid)
+    block = os.urandom(MiB)
+
+    def write(n):
+        sha = hashlib.sha256()
+        with open(mount.path / f"out{n}.bin", "wb") as f:
+            for i in range(size // MiB):
+                chunk = bytes([n, i]) + block[2:]
+                f.write(chunk)
+                sha.update(chunk)
+        return sha.digest()
+
+    with ThreadPoolExecutor(writers) as pool:
+        digests = list(pool.map(write, range(writers)))
+    # Whatever the budget, each writer holds the part it fills (twice while it is joined
+    # into one piece) and one part in flight; more parts in flight come out of
+    # --max-memory. Without the budget they went up to 183 MiB here.
+    assert peak_rss(mount.process.pid) - rss_before <= 8 * MiB + writers * 3 * part + 32 * MiB
+    for n, digest in enumerate(digests):
+        assert hashlib.sha256(s3_bytes(s3, bucket, f"out{n}.bin")).digest() == digest
+
+
 def test_failed_part_is_eio_at_close_and_leaves_no_upload(s3, bucket, proxy, mount_bucket):
     mount = mount_bucket(bucket, "--request-timeout", "10", endpoint=proxy.endpoint)
     with proxy.inject(Status(500), op="UploadPart", times=None):
