@@ -296,11 +296,11 @@ def mount(args: argparse.Namespace) -> int:
         problem = check_mount_directory(config.mountpoint)
         if problem:
             raise CommandError(problem, readiness.DIRECTORY)
-        return _mount_in_background(config, args)
-    return _mount_here(config, args, args.ready_fd)
+        return _mount_in_background(config)
+    return _mount_here(config, args.ready_fd)
 
 
-def _mount_here(config: MountConfig, args: argparse.Namespace, ready_fd: int | None) -> int:
+def _mount_here(config: MountConfig, ready_fd: int | None) -> int:
     region, session = _check_before_mount(config)
     cache = _open_cache(config)
     from driver.mount import run_mount
@@ -322,7 +322,7 @@ def _open_cache(config: MountConfig):
         raise CommandError(f"--cache: {exc}", readiness.INVALID) from None
 
 
-def _mount_in_background(config: MountConfig, args: argparse.Namespace) -> int:
+def _mount_in_background(config: MountConfig) -> int:
     """Run the mount in a forked process in a new session; wait until it answers.
 
     Forked, not started afresh: a new interpreter would start and import this module
@@ -331,7 +331,7 @@ def _mount_in_background(config: MountConfig, args: argparse.Namespace) -> int:
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # returns when the mount ends, and the process exits as a foreground mount does
-        return _run_forked_mount(config, args, read_end, write_end)
+        return _run_forked_mount(config, read_end, write_end)
     os.close(write_end)
     deadline = time.monotonic() + READY_TIMEOUT
     message = b""
@@ -372,7 +372,7 @@ def _exit_code_within(pid: int, seconds: float) -> int | None:
         time.sleep(0.01)
 
 
-def _run_forked_mount(config: MountConfig, args: argparse.Namespace, read_end: int, write_end: int) -> int:
+def _run_forked_mount(config: MountConfig, read_end: int, write_end: int) -> int:
     """The forked mount process: detached from the terminal, answering on ``write_end``.
     Nothing may escape from here into the caller's code, which is the parent's."""
     try:
@@ -382,7 +382,7 @@ def _run_forked_mount(config: MountConfig, args: argparse.Namespace, read_end: i
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
-        return _mount_here(config, args, write_end)
+        return _mount_here(config, write_end)
     except CommandError as exc:  # before mounting: write_end is still open and unused
         _tell_parent(write_end, readiness.error_line(exc.kind, str(exc)))
     except BaseException:  # noqa: BLE001 (run_mount told the parent; the log says why)

@@ -6,12 +6,11 @@ have fetched, one file each (up to ``MAX_RANGES_PER_BLOCK``; a range replaces th
 covers), the least recently used evicted past ``--max-cache-size``: a read that misses
 fetches what it needs, so a random read costs the bytes it asks for (not its whole MiB)
 and the next read of the same bytes comes from the disk, also when they are in ranges
-side by side. A block is named by the
-object's key, its ETag and the block's number, so it only ever answers for the version a
-handle was opened with: a replaced object has another ETag and is fetched afresh. Every
-range's file carries a CRC32C of its block's name, the range and its bytes, checked at
-each read: a file that does not check out (a disk error, a file changed by someone else)
-is dropped and the bytes come from S3.
+side by side. A block is named by the object's key, its ETag and the block's number, so
+it only ever answers for the version a handle was opened with: a replaced object has
+another ETag and is fetched afresh. Every range's file carries a CRC32C of its block's
+name, the range and its bytes, checked at each read: a file that does not check out (a
+disk error, a file changed by someone else) is dropped and the bytes come from S3.
 
 The cache lives as long as the mount: emptied when the mount starts and when it ends,
 and locked, so two mounts never share one directory (each would empty the other's).

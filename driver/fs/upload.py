@@ -4,9 +4,9 @@ Nothing is sent until a part is full; a file that ends smaller becomes one PutOb
 From the first full part on it is a multipart upload: each full part is uploaded while
 the writer fills the next, at most ``parts_in_flight`` at once, those past the first only
 while the mount's memory budget (``--max-memory``, shared with prefetching) has room. A
-writer holds the part it fills and the parts in flight, whatever the file's size. ``complete``
-uploads the rest and completes the upload; any failure aborts it, so no incomplete
-upload is left behind, and is reported as EIO to every later call.
+writer holds the part it fills and the parts in flight, whatever the file's size.
+``complete`` uploads the rest and completes the upload; any failure aborts it, so no
+incomplete upload is left behind, and is reported as EIO to every later call.
 """
 
 from __future__ import annotations
