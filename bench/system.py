@@ -128,7 +128,9 @@ def reset_peak_rss(pid: int) -> bool:
 
 
 def mount_pid(directory: str) -> int | None:
-    """The ``python -m driver mount ... DIR`` process serving ``directory``."""
+    """The Pail mount process serving ``directory``: ``pail mount ... DIR`` (forked by the
+    command, it keeps the command's arguments) or ``python -m driver mount ... DIR
+    --foreground`` (as the node server starts it)."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -136,9 +138,15 @@ def mount_pid(directory: str) -> int | None:
         if not raw:
             continue
         argv = raw.split("\0")
-        if "driver" in argv and "mount" in argv and directory in argv and "--foreground" in argv:
+        pail = "driver" in argv or any(os.path.basename(arg) == "pail" for arg in argv)
+        if pail and "mount" in argv and directory in argv and _running(entry):
             return int(entry)
     return None
+
+
+def _running(pid: str) -> bool:
+    stat = _read(f"/proc/{pid}/stat")
+    return bool(stat) and stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def is_mounted(directory: str) -> bool:
