@@ -1,8 +1,8 @@
 """The mount process: build the S3 client, check the bucket, serve the mount.
 
-The same function runs for ``pail mount --foreground`` and for the process that plain
-``pail mount`` (and, later, the node server) starts; ``ready_fd`` is how such a parent
-learns that the mount answers, or why it does not.
+The same function runs for ``pail mount --foreground``, in the process plain ``pail
+mount`` forks, and in the process the node server starts; ``ready_fd`` is how such a
+parent learns that the mount answers, or why it does not.
 """
 
 from __future__ import annotations
