@@ -326,8 +326,8 @@ def _mount_in_background(config: MountConfig) -> int:
     """Run the mount in a forked process in a new session; wait until it answers.
 
     Forked, not started afresh: a new interpreter would start and import this module
-    again (0.1–0.25 s of a mount's start, docs/ARCHITECTURE.md). Nothing here has
-    started a thread yet, so the fork is safe."""
+    again (about 0.07 s of a mount's 0.5–0.7 s start, docs/ARCHITECTURE.md). Nothing
+    here has started a thread yet, so the fork is safe."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # returns when the mount ends, and the process exits as a foreground mount does
