@@ -19,8 +19,6 @@ import time
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-import structlog
-
 from driver import __version__
 from driver import log as logging_setup
 from driver import readiness
@@ -296,18 +294,18 @@ def mount(args: argparse.Namespace) -> int:
         problem = check_mount_directory(config.mountpoint)
         if problem:
             raise CommandError(problem, readiness.DIRECTORY)
-        return _mount_in_background(config)
-    return _mount_here(config, args.ready_fd)
-
-
-def _mount_here(config: MountConfig, ready_fd: int | None) -> int:
+        # Returns in both processes: here once the mount answered, in the mount process
+        # with the pipe it answers on, as a node-started mount gets it with --ready-fd.
+        args.ready_fd = _fork_mount_process()
+        if args.ready_fd is None:
+            return 0
     region, session = _check_before_mount(config)
     cache = _open_cache(config)
     from driver.mount import run_mount
 
     logging_setup.configure(config.log_format, debug=config.debug, path=config.log_file,
-                            syslog=ready_fd is not None)
-    return run_mount(config, region, session, ready_fd=ready_fd, cache=cache)
+                            syslog=args.ready_fd is not None)
+    return run_mount(config, region, session, ready_fd=args.ready_fd, cache=cache)
 
 
 def _open_cache(config: MountConfig):
@@ -322,16 +320,24 @@ def _open_cache(config: MountConfig):
         raise CommandError(f"--cache: {exc}", readiness.INVALID) from None
 
 
-def _mount_in_background(config: MountConfig) -> int:
-    """Run the mount in a forked process in a new session; wait until it answers.
+def _fork_mount_process() -> int | None:
+    """Fork the mount process, in a new session, and wait until it answers: None here
+    once it is live (CommandError when it is not); in the mount process, the pipe's end
+    to answer on.
 
     Forked, not started afresh: a new interpreter would start and import this module
     again (about 0.07 s of a mount's 0.5–0.7 s start, docs/ARCHITECTURE.md). Nothing
     here has started a thread yet, so the fork is safe."""
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # returns when the mount ends, and the process exits as a foreground mount does
-        return _run_forked_mount(config, read_end, write_end)
+    if pid == 0:
+        os.close(read_end)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        return write_end
     os.close(write_end)
     deadline = time.monotonic() + READY_TIMEOUT
     message = b""
@@ -356,9 +362,9 @@ def _mount_in_background(config: MountConfig) -> int:
             raise CommandError(f"the mount did not answer within {READY_TIMEOUT:.0f} s")
         raise CommandError(f"the mount process exited with status {code}")
     error = readiness.parse(line)
-    if error is None:
-        return 0
-    raise CommandError(error[1], error[0])
+    if error is not None:
+        raise CommandError(error[1], error[0])
+    return None
 
 
 def _exit_code_within(pid: int, seconds: float) -> int | None:
@@ -370,24 +376,6 @@ def _exit_code_within(pid: int, seconds: float) -> int | None:
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.01)
-
-
-def _run_forked_mount(config: MountConfig, read_end: int, write_end: int) -> int:
-    """The forked mount process: detached from the terminal, answering on ``write_end``.
-    Nothing may escape from here into the caller's code, which is the parent's."""
-    try:
-        os.close(read_end)
-        os.setsid()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        os.close(devnull)
-        return _mount_here(config, write_end)
-    except CommandError as exc:  # before mounting: write_end is still open and unused
-        _tell_parent(write_end, readiness.error_line(exc.kind, str(exc)))
-    except BaseException:  # noqa: BLE001 (run_mount told the parent; the log says why)
-        structlog.get_logger("pail.mount").exception("mount process failed")
-    return EXIT_FAILURE
 
 
 def csi(args: argparse.Namespace, argv: Sequence[str]) -> int:

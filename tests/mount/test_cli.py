@@ -6,13 +6,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.support.mounts import is_mounted, pail_cli
+from tests.support.mounts import is_mounted, pail_cli, start_pail_cli
 from tests.support.s3server import free_port
 
 
@@ -140,6 +141,29 @@ def test_endpoint_that_does_not_answer(s3_server, mountpoint):
                       "--region", "us-east-1", env=s3_server.env())
     assert result.returncode == 1
     assert f"cannot reach {closed}" in result.stderr
+    assert_nothing_left(mountpoint)
+
+
+@pytest.mark.s3_servers("moto")
+def test_a_mount_process_that_dies_before_answering_is_one_line(s3_server, mountpoint):
+    silent = socket.socket()  # accepts connections (the kernel does), never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    command = start_pail_cli("mount", "some-bucket", str(mountpoint), "--region", "us-east-1",
+                             "--endpoint-url", f"http://127.0.0.1:{silent.getsockname()[1]}",
+                             env=s3_server.env())
+    try:
+        deadline = time.monotonic() + 30
+        while not (forked := [p for p in mount_processes(mountpoint) if p != command.pid]):
+            assert time.monotonic() < deadline, "no mount process was forked"
+            time.sleep(0.05)
+        os.kill(forked[0], 9)  # waiting on the silent endpoint, before a word to the command
+        _, stderr = command.communicate(timeout=30)
+    finally:
+        command.kill()
+        silent.close()
+    assert command.returncode == 1
+    assert stderr.strip() == "pail mount: the mount process exited with status -9"
     assert_nothing_left(mountpoint)
 
 

@@ -130,8 +130,17 @@ def _read_line(fd: int, timeout: float) -> str:
     return data.decode("utf-8", "replace").strip()
 
 
+def _pail() -> str:
+    return shutil.which("pail", path=str(Path(sys.executable).parent)) or "pail"
+
+
 def pail_cli(*args: str, env: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess:
     """Run the `pail` command as a user would."""
-    pail = shutil.which("pail", path=str(Path(sys.executable).parent)) or "pail"
-    return subprocess.run([pail, *args], env=_clean_env(env), capture_output=True, text=True,
+    return subprocess.run([_pail(), *args], env=_clean_env(env), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def start_pail_cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    """Start the `pail` command as a user would, to act on it while it runs."""
+    return subprocess.Popen([_pail(), *args], env=_clean_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
