@@ -36,6 +36,15 @@ async def settle(cached):
             await trio.sleep(0.01)
 
 
+def checked_reads(cached, data, etag):
+    """A read of the cached client that checks its bytes against ``data`` and waits for
+    the blocks it fetched to be on disk."""
+    async def read(start, length):
+        assert bytes(await cached.get_range("k", start, length, etag=etag)) == data[start:start + length]
+        await settle(cached)
+    return read
+
+
 def test_any_range_reads_the_objects_bytes_and_none_is_fetched_twice(tmp_path):
     memory, cached = cached_client(tmp_path)
     data = random.Random(1).randbytes(5 * BLOCK_SIZE + 777)
@@ -62,10 +71,7 @@ def test_a_miss_fetches_what_it_needs_and_a_wider_range_replaces_those_it_covers
     memory, cached = cached_client(tmp_path)
     data = random.Random(7).randbytes(2 * BLOCK_SIZE + 777)
     etag = memory.put("k", data).etag
-
-    async def read(start, length):
-        assert bytes(await cached.get_range("k", start, length, etag=etag)) == data[start:start + length]
-        await settle(cached)
+    read = checked_reads(cached, data, etag)
 
     async def main():
         await read(100, 1000)
@@ -89,10 +95,7 @@ def test_a_read_across_ranges_fetched_side_by_side_comes_from_the_disk(tmp_path)
     memory, cached = cached_client(tmp_path)
     data = random.Random(9).randbytes(2 * BLOCK_SIZE + 300)
     etag = memory.put("k", data).etag
-
-    async def read(start, length):
-        assert bytes(await cached.get_range("k", start, length, etag=etag)) == data[start:start + length]
-        await settle(cached)
+    read = checked_reads(cached, data, etag)
 
     async def main():
         # As a direct read cuts them: requests that do not start on a block.
@@ -114,10 +117,11 @@ def test_a_gap_between_cached_ranges_is_fetched(tmp_path):
     data = random.Random(10).randbytes(BLOCK_SIZE)
     etag = memory.put("k", data).etag
 
+    read = checked_reads(cached, data, etag)
+
     async def main():
         for start, length in [(0, 1000), (1001, 1000), (0, 2001)]:
-            assert bytes(await cached.get_range("k", start, length, etag=etag)) == data[start:start + length]
-            await settle(cached)
+            await read(start, length)
         await cached.aclose()
 
     trio.run(main)

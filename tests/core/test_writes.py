@@ -125,6 +125,39 @@ def test_writers_share_the_memory_budget(max_memory, most_in_flight):
     assert client.max_parts_in_flight == most_in_flight
 
 
+def test_failed_parts_give_the_memory_budget_back_to_the_writers_waiting_on_it():
+    client = CountingParts(latency=0.005)
+    client.failures["UploadPart"] = 3
+    files = {f"f{n}": os.urandom(12 * PART) for n in range(4)}
+
+    async def body(fs):
+        outcomes = {}
+
+        async def write(name, data):  # as a program does: close the file whatever happened
+            inode, fh = await fs.create(ROOT_INODE, name, NEW, pid=0)
+            try:
+                for offset in range(0, len(data), PART):
+                    await fs.write(fh, offset, data[offset:offset + PART])
+                await fs.flush(fh, opener_done=True)
+                outcomes[name] = "written"
+            except FsError as exc:
+                outcomes[name] = errno.errorcode[exc.errno]
+            finally:
+                await fs.release(fh)
+
+        async with trio.open_nursery() as writers:
+            for name, data in files.items():
+                writers.start_soon(write, name, data)
+        return outcomes, fs.budget.used
+
+    outcomes, used = run(client, body, parts_in_flight=4, min_request=PART, max_request=PART,
+                         max_memory=8 * PART)
+    assert used == 0, "failed and finished parts alike gave their memory back"
+    assert "EIO" in outcomes.values()
+    assert all(client._data[name] == files[name] for name, outcome in outcomes.items() if outcome == "written")
+    assert client.uploads == {}, "every failed upload was aborted"
+
+
 def test_parts_are_whole_whatever_the_sizes_of_the_writes():
     client = store()
     data = os.urandom(7 * PART + 5)
