@@ -265,7 +265,7 @@ def _cache_dir(args: argparse.Namespace) -> str | None:
 
 def _check_before_mount(config: MountConfig):
     """Everything that can be checked before mounting; returns the bucket's region and
-    the boto3 session that found it (with its credentials)."""
+    the botocore session that found it (with its credentials)."""
     from driver.s3 import api
     from driver.s3.client import check_bucket, describe_bucket_error, detect_region
 
@@ -290,7 +290,7 @@ def mount(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if not config.foreground:
         # The forked mount process checks the bucket and says why it cannot mount;
-        # checking here too would double the wait (importing boto3, a HeadBucket).
+        # checking here too would double the wait (importing botocore, a HeadBucket).
         problem = check_mount_directory(config.mountpoint)
         if problem:
             raise CommandError(problem, readiness.DIRECTORY)

@@ -1,11 +1,13 @@
-"""The real object client: awscrt for reads, boto3 for everything else.
+"""The real object client: Pail's own sockets and awscrt for reads, botocore for the rest.
 
 Reads are what a mount does most: ranged GETs of object data, HEADs and listings.
 awscrt's S3 client runs them on native threads without the GIL (driver.s3.crt), so the
 FUSE loop keeps the interpreter and a request costs a quarter of boto3's CPU (measured in
 docs/ARCHITECTURE.md and docs/PERFORMANCE.md). Uploads, deletes and bucket checks go
-through boto3 in worker threads: it knows their rules, and for uploads it is as fast.
-Both use one credential source: boto3's provider chain, read by awscrt through a delegate.
+through botocore (boto3's core) in worker threads: it knows their rules, and for uploads
+it is as fast. All use one credential source: botocore's provider chain, read by awscrt
+through a delegate. boto3 itself is not imported: a mount needs none of what it adds, and
+importing it (with s3transfer) took a tenth of a mount's start.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import re
 import time
 from typing import Any
 
-import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.session
 import structlog
 import trio
 from botocore import UNSIGNED
@@ -56,9 +58,9 @@ def _boto_config(settings: S3Settings, region: str) -> botocore.config.Config:
     )
 
 
-def make_boto_client(settings: S3Settings, region: str, session: boto3.Session | None = None):
-    session = session or boto3.Session()
-    client = session.client(
+def make_boto_client(settings: S3Settings, region: str, session: botocore.session.Session | None = None):
+    session = session or botocore.session.get_session()
+    client = session.create_client(
         "s3",
         endpoint_url=settings.endpoint_url,
         verify=settings.ca_bundle if settings.ca_bundle else None,
@@ -149,14 +151,14 @@ def _error_from_boto(exc: Exception, operation: str, what: str) -> api.ObjectCli
 _TLS_FAILED = "TLSFailed"
 
 
-def detect_region(settings: S3Settings, session: boto3.Session | None = None) -> str:
+def detect_region(settings: S3Settings, session: botocore.session.Session | None = None) -> str:
     """The bucket's region: --region when given, else what S3 says (the
     x-amz-bucket-region header of HeadBucket, sent even with a 301 or 403), else the
     environment's default region, else us-east-1 (stores that do not say)."""
     if settings.region:
         return settings.region
-    session = session or boto3.Session()
-    fallback = session.region_name or DEFAULT_REGION
+    session = session or botocore.session.get_session()
+    fallback = session.get_config_variable("region") or DEFAULT_REGION
     arn = re.match(r"^arn:[^:]+:s3[^:]*:([a-z0-9-]+):", settings.bucket)
     if arn and arn.group(1):
         return arn.group(1)
@@ -174,7 +176,7 @@ def detect_region(settings: S3Settings, session: boto3.Session | None = None) ->
 class S3ObjectClient:
     """ObjectClient for one bucket. Create it inside ``trio.run``; ``aclose`` when done."""
 
-    def __init__(self, settings: S3Settings, region: str, *, session: boto3.Session | None = None,
+    def __init__(self, settings: S3Settings, region: str, *, session: botocore.session.Session | None = None,
                  metadata_threads: int = 16) -> None:
         self.settings = settings
         self.region = region
@@ -342,7 +344,7 @@ def _head_bucket(client, settings: S3Settings) -> None:
         status.append(200)
 
 
-def check_bucket(settings: S3Settings, region: str, session: boto3.Session | None = None) -> None:
+def check_bucket(settings: S3Settings, region: str, session: botocore.session.Session | None = None) -> None:
     """HeadBucket, synchronously, for checks before anything is mounted."""
     client = make_boto_client(settings, region, session)
     try:

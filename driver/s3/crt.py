@@ -23,7 +23,7 @@ import awscrt.exceptions
 import awscrt.http
 import awscrt.io
 import awscrt.s3
-import boto3
+import botocore.session
 import trio
 
 from driver import metrics
@@ -40,7 +40,7 @@ CRT_MEMORY_LIMIT = 1024 * 1024 * 1024
 class CrtRequests:
     """GET, HEAD and LIST requests through awscrt's S3 client."""
 
-    def __init__(self, settings: S3Settings, region: str, session: boto3.Session) -> None:
+    def __init__(self, settings: S3Settings, region: str, session: botocore.session.Session) -> None:
         self._settings = settings
         url = urlsplit(_object_url(settings, region, session, "K"))
         if not url.path.endswith("/K"):
@@ -178,7 +178,7 @@ class _Captured(Exception):
         self.url = url
 
 
-def _object_url(settings: S3Settings, region: str, session: boto3.Session, key: str) -> str:
+def _object_url(settings: S3Settings, region: str, session: botocore.session.Session, key: str) -> str:
     """The URL boto3 would send a GetObject of ``key`` to, without sending it.
 
     boto3 knows S3's addressing rules (path or virtual-hosted style, regional endpoints,
@@ -200,7 +200,7 @@ def _object_url(settings: S3Settings, region: str, session: boto3.Session, key: 
     raise RuntimeError("boto3 sent a request it was asked not to send")
 
 
-def _credentials_from(session: boto3.Session) -> Callable[[], awscrt.auth.AwsCredentials]:
+def _credentials_from(session: botocore.session.Session) -> Callable[[], awscrt.auth.AwsCredentials]:
     """awscrt asks this for credentials before signing; boto3's chain refreshes them."""
     def get() -> awscrt.auth.AwsCredentials:
         credentials = session.get_credentials()

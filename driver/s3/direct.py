@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import quote, urlsplit
 
-import boto3
+import botocore.session
 import trio
 
 from driver import metrics
@@ -64,7 +64,7 @@ class _Broken(Exception):
 class SocketGets:
     """Ranged GETs of one bucket over kept-alive connections, http or https."""
 
-    def __init__(self, settings: S3Settings, region: str, session: boto3.Session, *, scheme: str, host: str,
+    def __init__(self, settings: S3Settings, region: str, session: botocore.session.Session, *, scheme: str, host: str,
                  base_path: str) -> None:
         self._settings = settings
         self._session = session

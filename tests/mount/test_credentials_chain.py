@@ -92,7 +92,7 @@ def signers(proxy: S3Proxy) -> dict[str, set[tuple[str, str | None]]]:
 
 
 def exercise(mount: PailMount) -> None:
-    """Listing, HEAD and a read (awscrt), a small upload (boto3)."""
+    """Listing, HEAD and a read (awscrt), a small upload (botocore)."""
     assert sorted(os.listdir(mount.path)) == ["dir", "hello.txt"]
     assert os.stat(mount.path / "dir" / "inner.txt").st_size == 5
     assert (mount.path / "hello.txt").read_bytes() == b"hello from S3\n"
@@ -103,8 +103,8 @@ def assert_one_signer(proxy: S3Proxy, keys: IssuedKeys) -> None:
     by_op = signers(proxy)
     assert {"GetObject", "ListObjectsV2", "PutObject"} <= set(by_op), by_op.keys()
     agents = {(r.op, r.request_headers.get("User-Agent", "").split("/")[0]) for r in proxy.records()}
-    # Pail's own sockets (small ranged GETs), awscrt (listing) and boto3 (uploads)
-    assert {("GetObject", "pail"), ("ListObjectsV2", "CRTS3NativeClient"), ("PutObject", "Boto3")} <= agents, \
+    # Pail's own sockets (small ranged GETs), awscrt (listing) and botocore (uploads)
+    assert {("GetObject", "pail"), ("ListObjectsV2", "CRTS3NativeClient"), ("PutObject", "Botocore")} <= agents, \
         f"every client was used: {agents}"
     expected = {(keys.access_key_id, keys.session_token)}
     for op, used in by_op.items():

@@ -3,7 +3,7 @@ style, virtual-hosted style, access points and custom endpoints. No network."""
 
 from __future__ import annotations
 
-import boto3
+import botocore.session
 import pytest
 
 from driver.config import S3Settings
@@ -12,7 +12,8 @@ from driver.s3.crt import CrtRequests
 
 
 def address(settings: S3Settings, region: str = "us-west-2"):
-    session = boto3.Session(aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="secret", region_name=region)
+    session = botocore.session.Session()
+    session.set_credentials("AKIDEXAMPLE", "secret")
     data = CrtRequests(settings, region, session)
     return data.scheme, data.host, data.base_path
 

@@ -11,9 +11,9 @@ import os
 import socket
 import threading
 
-import boto3
 import botocore.credentials
 import botocore.exceptions
+import botocore.session
 import pytest
 import trio
 
@@ -127,7 +127,8 @@ def error(status: int, code: str, *, chunked: bool = False) -> bytes:
 
 
 def gets(port: int, *, scheme: str = "http", **settings) -> SocketGets:
-    session = boto3.Session(aws_access_key_id="AKIDTEST", aws_secret_access_key=SECRET)
+    session = botocore.session.Session()
+    session.set_credentials("AKIDTEST", SECRET)
     s3 = S3Settings(bucket="b", endpoint_url=f"{scheme}://127.0.0.1:{port}", **{"max_attempts": 3, **settings})
     return SocketGets(s3, "us-east-1", session, scheme=scheme, host=f"127.0.0.1:{port}", base_path="/b/")
 
