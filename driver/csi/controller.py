@@ -27,8 +27,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import boto3
 import botocore.exceptions
+import botocore.session
 import grpc
 import structlog
 
@@ -75,10 +75,10 @@ class _BucketMissing(Exception):
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):
     def __init__(self, settings: ControllerSettings = ControllerSettings(),
-                 session: boto3.Session | None = None) -> None:
+                 session: botocore.session.Session | None = None) -> None:
         self._settings = settings
-        self._session = session or boto3.Session()
-        self._region = settings.region or self._session.region_name or DEFAULT_REGION
+        self._session = session or botocore.session.get_session()
+        self._region = settings.region or self._session.get_config_variable("region") or DEFAULT_REGION
         self._lock = threading.Lock()
         self._clients: dict[str, object] = {}
         self._created: dict[str, csi_pb2.Volume] = {}  # name -> volume, for ALREADY_EXISTS
@@ -334,7 +334,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return self._settings.endpoint_url or "S3"
 
     def _client(self, region: str):
-        with self._lock:  # boto3 clients are thread-safe; making them is not
+        with self._lock:  # botocore clients are thread-safe; making them is not
             client = self._clients.get(region)
             if client is None:
                 # Few attempts: csi-provisioner times out each call and retries it itself.

@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
+import botocore.session
 import grpc
 import pytest
 
@@ -261,7 +261,9 @@ def node(tmp_path, examples):
 @pytest.fixture
 def controller():
     # No credentials are looked up: the S3 calls are the part left out.
-    return NoS3Controller(ControllerSettings(), session=boto3.Session(region_name="us-east-1"))
+    session = botocore.session.get_session()
+    session.set_config_variable("region", "us-east-1")
+    return NoS3Controller(ControllerSettings(), session=session)
 
 
 def _tokens() -> str:

@@ -5,9 +5,12 @@ fails."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 import signal
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +28,12 @@ class NodeServer(CsiServerProcess):
     extra_args: list[str] = field(default_factory=list)
     name = "node server"
 
-    @property
+    @functools.cached_property
     def socket(self) -> Path:
-        return self.root / "plugins" / "s3.csi.pail.dev" / "csi.sock"
+        """Not under ``root``, as kubelet's plugins/<driver>/ would be: a unix socket's path
+        ends at 107 bytes, and pytest's directories (pytest-xdist's popen-gwN in them) took
+        some past it ("Failed to add port")."""
+        return Path(tempfile.mkdtemp(prefix="pail-node-")) / "csi.sock"
 
     @property
     def kubelet_dir(self) -> Path:
@@ -51,6 +57,7 @@ class NodeServer(CsiServerProcess):
 
     def arguments(self) -> list[str]:
         self.kubelet_dir.mkdir(parents=True, exist_ok=True)
+        self.socket.parent.mkdir(exist_ok=True)  # again after a stop()
         return ["csi", "node", "--endpoint", f"unix://{self.socket}", "--node-id", "test-node",
                 "--state-dir", str(self.state_dir), "--kubelet-dir", str(self.kubelet_dir), *self.extra_args]
 
@@ -75,6 +82,7 @@ class NodeServer(CsiServerProcess):
     def stop(self) -> None:
         """Stop the server (and its supervisor), then unmount whatever it left mounted."""
         super().stop()
+        shutil.rmtree(self.socket.parent, ignore_errors=True)
         # From the mount table, not a glob: a dead FUSE mount fails a directory walk (ENOTCONN).
         prefix = f"{self.kubelet_dir}/pods/"
         with open("/proc/self/mountinfo") as mountinfo:
