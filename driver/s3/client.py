@@ -6,8 +6,7 @@ FUSE loop keeps the interpreter and a request costs a quarter of boto3's CPU (me
 docs/ARCHITECTURE.md and docs/PERFORMANCE.md). Uploads, deletes and bucket checks go
 through botocore (boto3's core) in worker threads: it knows their rules, and for uploads
 it is as fast. All use one credential source: botocore's provider chain, read by awscrt
-through a delegate. boto3 itself is not imported: a mount needs none of what it adds, and
-importing it (with s3transfer) took a tenth of a mount's start.
+through a delegate. boto3 itself is not imported: a mount needs none of what it adds.
 """
 
 from __future__ import annotations
