@@ -246,10 +246,10 @@ class _ServicesLoader(botocore.loaders.Loader):
 
 def _new_session() -> botocore.session.Session:
     core = botocore.session.get_session()
-    # As botocore.loaders.create_loader reads AWS_DATA_PATH (the data_path variable).
-    extra = core.get_config_variable("data_path")
-    paths = [os.path.expanduser(os.path.expandvars(p)) for p in extra.split(os.pathsep)] if extra else []
-    core.register_component("data_loader", _ServicesLoader(extra_search_paths=paths))
+    # The search paths botocore's own loader would have (AWS_DATA_PATH first).
+    paths = botocore.loaders.create_loader(core.get_config_variable("data_path")).search_paths
+    core.register_component("data_loader", _ServicesLoader(extra_search_paths=paths,
+                                                            include_default_search_paths=False))
     return core
 
 
