@@ -98,7 +98,7 @@ def fetch(source: dict[str, Any]) -> dict[str, str]:
 
 def _assume_role_with_web_identity(source: dict[str, Any]) -> dict[str, str]:
     region = source.get("sts_region") or "us-east-1"
-    sts = _new_session().create_client(
+    sts = new_session().create_client(
         "sts", region_name=region, endpoint_url=source.get("sts_endpoint") or None,
         config=botocore.config.Config(signature_version=botocore.UNSIGNED, connect_timeout=REQUEST_TIMEOUT,
                                       read_timeout=REQUEST_TIMEOUT, retries={"mode": "standard", "max_attempts": 3}))
@@ -219,7 +219,7 @@ def session(credentials_file: str | None) -> botocore.session.Session:
     """The botocore session of a mount: the credentials file alone when given (never falling
     back to the node's own credentials), else the standard chain."""
     try:
-        core = _new_session()
+        core = new_session()
         core.get_scoped_config()  # now, not at the first request: a broken config is one line
     except (botocore.exceptions.ProfileNotFound, botocore.exceptions.ConfigParseError) as exc:
         raise CredentialError("invalid", f"AWS configuration: {exc}") from None
@@ -244,7 +244,8 @@ class _ServicesLoader(botocore.loaders.Loader):
         return list(SERVICES)
 
 
-def _new_session() -> botocore.session.Session:
+def new_session() -> botocore.session.Session:
+    """A botocore session whose model loader knows the services Pail uses."""
     core = botocore.session.get_session()
     # The search paths botocore's own loader would have (AWS_DATA_PATH first).
     paths = botocore.loaders.create_loader(core.get_config_variable("data_path")).search_paths

@@ -33,6 +33,7 @@ import grpc
 import structlog
 
 from csi import csi_pb2, csi_pb2_grpc
+from driver import credentials
 from driver.config import REGION_NAME, S3Settings
 from driver.csi import capabilities
 from driver.csi import context as ctx
@@ -77,7 +78,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def __init__(self, settings: ControllerSettings = ControllerSettings(),
                  session: botocore.session.Session | None = None) -> None:
         self._settings = settings
-        self._session = session or botocore.session.get_session()
+        self._session = session or credentials.new_session()
         self._region = settings.region or self._session.get_config_variable("region") or DEFAULT_REGION
         self._lock = threading.Lock()
         self._clients: dict[str, object] = {}
