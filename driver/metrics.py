@@ -23,7 +23,17 @@ from prometheus_client import Counter, Gauge, Histogram
 from driver.log import VOLUME_ID_ENV
 from driver.s3.api import ObjectClientError
 
-VOLUME = os.environ.get(VOLUME_ID_ENV, "")
+# Read at the first count, not at import: the node server's launcher imports this module
+# before it forks a mount process and gives it its volume's environment.
+_volume: str | None = None
+
+
+def _volume_label() -> str:
+    global _volume
+    if _volume is None:
+        _volume = os.environ.get(VOLUME_ID_ENV, "")
+    return _volume
+
 
 S3_REQUESTS = Counter("pail_s3_requests", "S3 requests sent (retries by the HTTP client count once)",
                       ["volume", "operation", "status"])
@@ -56,35 +66,35 @@ def timed_s3_request(operation: str) -> Iterator[list[int]]:
             status.append(exc.status)
         raise
     finally:
-        S3_REQUESTS.labels(VOLUME, operation, str(status[0]) if status else "error").inc()
-        S3_SECONDS.labels(VOLUME, operation).observe(time.monotonic() - started)
+        S3_REQUESTS.labels(_volume_label(), operation, str(status[0]) if status else "error").inc()
+        S3_SECONDS.labels(_volume_label(), operation).observe(time.monotonic() - started)
 
 
 def fuse_operation(operation: str, error: int | None = None) -> None:
     name = "OK" if error is None else errno_codes.errorcode.get(error, str(error))
-    FUSE_OPERATIONS.labels(VOLUME, operation, name).inc()
+    FUSE_OPERATIONS.labels(_volume_label(), operation, name).inc()
 
 
 def read_bytes(n: int) -> None:
-    BYTES_READ.labels(VOLUME).inc(n)
+    BYTES_READ.labels(_volume_label()).inc(n)
 
 
 def written_bytes(n: int) -> None:
-    BYTES_WRITTEN.labels(VOLUME).inc(n)
+    BYTES_WRITTEN.labels(_volume_label()).inc(n)
 
 
 def prefetch_read(result: str) -> None:
-    PREFETCH_READS.labels(VOLUME, result).inc()
+    PREFETCH_READS.labels(_volume_label(), result).inc()
 
 
 def handles(delta: int) -> None:
-    OPEN_HANDLES.labels(VOLUME).inc(delta)
+    OPEN_HANDLES.labels(_volume_label()).inc(delta)
 
 
 def cache_bytes(n: int) -> None:
-    CACHE_BYTES.labels(VOLUME).set(n)
+    CACHE_BYTES.labels(_volume_label()).set(n)
 
 
 def cache_block(result: str, count: int = 1) -> None:
     if count:
-        CACHE_BLOCKS.labels(VOLUME, result).inc(count)
+        CACHE_BLOCKS.labels(_volume_label(), result).inc(count)
