@@ -1,0 +1,117 @@
+"""Mount processes forked by the node server's launcher (driver.csi.launcher): they look
+and behave like mount processes started afresh, and publishing does not depend on it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from tests.support.kubelet import Kubelet, NodeServer, mounted
+from tests.support.namespaces import alive, cmdline
+
+WAIT = 30.0
+
+
+def _wait(condition, what: str):
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {WAIT:.0f} s: {what}")
+
+
+def launcher_of(server: NodeServer) -> int | None:
+    server_pid = server.grpc_server_pid()
+    if server_pid is None:
+        return None
+    # Not /proc/PID/task/PID/children: that lists the main thread's, and a launcher started
+    # again is a gRPC worker thread's child.
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            pid = int(entry.name)
+            if parent(pid) == server_pid and b"driver.csi.launcher" in cmdline(pid) and alive(pid):
+                return pid
+    return None
+
+
+def parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+def mount_pid(server: NodeServer, target: Path) -> int:
+    record = server.record(target)
+    assert record is not None, f"no record of {target}"
+    return record["pid"]
+
+
+def test_a_forked_mount_process_shows_its_own_command_line_and_environment(s3, bucket, kubelet, attributes):
+    s3.put_object(Bucket=bucket, Key="hello.txt", Body=b"hello")
+    launcher = _wait(lambda: launcher_of(kubelet.server), "the node server starts a launcher")
+    pod = kubelet.new_pod()
+    target = kubelet.publish(pod, "pv-forked", attributes)
+    pid = mount_pid(kubelet.server, target)
+    assert parent(pid) == launcher, "forked by the launcher"
+    assert (target / "hello.txt").read_bytes() == b"hello"
+
+    args = [arg for arg in cmdline(pid) if arg]
+    assert args[1:6] == [b"-m", b"driver", b"mount", bucket.encode(), str(target).encode()]
+    assert args[-4:] == [b"--log-format", b"json", b"--ready-fd", b"3"]
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert b"PAIL_VOLUME_ID=pv-forked" in environ
+    assert not [entry for entry in environ if entry.startswith(b"PAIL_LAUNCHER_ROOM=")]
+    # The launcher's own command line without the room it keeps for its children's.
+    assert [arg for arg in cmdline(launcher) if arg][1:] == [b"-m", b"driver.csi.launcher"]
+
+    kubelet.unpublish(pod, "pv-forked")
+    assert not mounted(target)
+    _wait(lambda: not alive(pid), "the mount process ends")
+    assert alive(launcher), "the launcher stays for the next publish"
+
+
+def test_publish_starts_the_mount_afresh_while_no_launcher_answers(s3, bucket, kubelet, attributes):
+    s3.put_object(Bucket=bucket, Key="data.txt", Body=b"data")
+    launcher = _wait(lambda: launcher_of(kubelet.server), "the node server starts a launcher")
+    first = kubelet.publish(kubelet.new_pod("first"), "pv-first", attributes)
+    assert parent(mount_pid(kubelet.server, first)) == launcher
+
+    os.kill(launcher, signal.SIGKILL)
+    _wait(lambda: not alive(launcher), "the launcher is gone")
+    assert (first / "data.txt").read_bytes() == b"data", "its mounts keep serving"
+
+    second = kubelet.publish(kubelet.new_pod("second"), "pv-second", attributes)
+    assert parent(mount_pid(kubelet.server, second)) == kubelet.server.grpc_server_pid(), "started afresh"
+    assert (second / "data.txt").read_bytes() == b"data"
+
+    # That publish started another launcher, for the publishes after it.
+    again = _wait(lambda: launcher_of(kubelet.server), "a new launcher")
+    assert again != launcher
+    third = kubelet.publish(kubelet.new_pod("third"), "pv-third", attributes)
+    assert parent(mount_pid(kubelet.server, third)) == again
+    assert (third / "data.txt").read_bytes() == b"data"
+
+
+def test_the_launcher_ends_with_the_node_server_and_its_mounts_do_not(s3_server, bucket, attributes, tmp_path):
+    server = NodeServer(root=tmp_path / "node", env=s3_server.env()).start()
+    try:
+        kubelet = Kubelet(server)
+        launcher = _wait(lambda: launcher_of(server), "the node server starts a launcher")
+        pod = kubelet.new_pod()
+        target = kubelet.publish(pod, "pv-outlives", attributes)
+        pid = mount_pid(server, target)
+        os.kill(server.grpc_server_pid(), signal.SIGKILL)  # the supervisor starts another
+        _wait(lambda: not alive(launcher), "the launcher ends with its server")
+        assert alive(pid) and mounted(target), "the mount outlives both"
+        os.listdir(target)
+        _wait(lambda: launcher_of(server) not in (None, launcher), "a new server with a new launcher")
+        kubelet.unpublish(pod, "pv-outlives")  # the new server adopted the mount
+        assert not mounted(target)
+        _wait(lambda: not alive(pid), "the mount process ends")
+    finally:
+        server.stop()
