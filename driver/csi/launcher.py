@@ -205,7 +205,9 @@ def main(argv: Sequence[str]) -> int:
 
     import driver.cli
     import driver.mount  # noqa: F401
+    from driver import credentials
 
+    credentials.load_models()
     control.send(json.dumps({"arg_room": text.arg_end - text.arg_start,
                              "env_room": text.env_end - text.env_start}).encode())
     command = _serve(control, text)
