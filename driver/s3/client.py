@@ -57,8 +57,9 @@ def _boto_config(settings: S3Settings, region: str) -> botocore.config.Config:
     )
 
 
-def make_boto_client(settings: S3Settings, region: str, session: botocore.session.Session | None = None):
-    session = session or botocore.session.get_session()
+def make_boto_client(settings: S3Settings, region: str, session: botocore.session.Session):
+    """``session``: from driver.credentials, whose loader knows Pail's services and keeps
+    the models parsed."""
     client = session.create_client(
         "s3",
         endpoint_url=settings.endpoint_url,
@@ -150,13 +151,12 @@ def _error_from_boto(exc: Exception, operation: str, what: str) -> api.ObjectCli
 _TLS_FAILED = "TLSFailed"
 
 
-def detect_region(settings: S3Settings, session: botocore.session.Session | None = None) -> str:
+def detect_region(settings: S3Settings, session: botocore.session.Session) -> str:
     """The bucket's region: --region when given, else what S3 says (the
     x-amz-bucket-region header of HeadBucket, sent even with a 301 or 403), else the
     environment's default region, else us-east-1 (stores that do not say)."""
     if settings.region:
         return settings.region
-    session = session or botocore.session.get_session()
     fallback = session.get_config_variable("region") or DEFAULT_REGION
     arn = re.match(r"^arn:[^:]+:s3[^:]*:([a-z0-9-]+):", settings.bucket)
     if arn and arn.group(1):
@@ -343,7 +343,7 @@ def _head_bucket(client, settings: S3Settings) -> None:
         status.append(200)
 
 
-def check_bucket(settings: S3Settings, region: str, session: botocore.session.Session | None = None) -> None:
+def check_bucket(settings: S3Settings, region: str, session: botocore.session.Session) -> None:
     """HeadBucket, synchronously, for checks before anything is mounted."""
     client = make_boto_client(settings, region, session)
     try:
