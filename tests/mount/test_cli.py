@@ -135,6 +135,26 @@ def test_a_broken_aws_configuration_is_one_line(s3_server, bucket, mountpoint, t
 
 
 @pytest.mark.s3_servers("moto")
+def test_a_broken_aws_configuration_is_one_line_with_a_credentials_file_too(s3_server, bucket, mountpoint,
+                                                                              tmp_path):
+    # The file gives the keys; the configuration still gives everything else (retries,
+    # addressing), so a broken one is not skipped.
+    config = tmp_path / "config"
+    config.write_text("[profile half\nregion = \n")
+    credentials = tmp_path / "credentials.json"
+    credentials.write_text(json.dumps({"source": "static", "access_key_id": s3_server.access_key,
+                                       "secret_access_key": s3_server.secret_key}))
+    credentials.chmod(0o600)
+    result = pail_cli("mount", bucket, str(mountpoint), "--endpoint-url", s3_server.endpoint,
+                      "--credentials-file", str(credentials),
+                      env={"AWS_CONFIG_FILE": str(config), "AWS_EC2_METADATA_DISABLED": "true"})
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "AWS configuration: Unable to parse config file" in result.stderr
+    assert_nothing_left(mountpoint)
+
+
+@pytest.mark.s3_servers("moto")
 def test_endpoint_that_does_not_answer(s3_server, mountpoint):
     closed = f"http://127.0.0.1:{free_port()}"
     result = pail_cli("mount", "some-bucket", str(mountpoint), "--endpoint-url", closed,
