@@ -46,6 +46,11 @@ _ROOM_VARIABLE = "PAIL_LAUNCHER_ROOM"
 _MODULE = "driver.csi.launcher"
 
 
+class LauncherLost(Exception):
+    """A request went to the launcher and no answer came: a mount process may have been
+    forked or not, so starting one afresh could make two."""
+
+
 class Launcher:
     """The node server's end: starts the launcher, and asks it for mount processes.
     Thread-safe: publishes of different targets launch at once."""
@@ -66,7 +71,8 @@ class Launcher:
     def launch(self, command: Sequence[str], env: Mapping[str, str], ready: int) -> int | None:
         """The pid of a mount process forked to run ``command`` (``python -m driver ...``,
         with ``--ready-fd 3``) in ``env``, answering on ``ready``; None when the launcher
-        cannot (the caller starts the process afresh)."""
+        cannot (the caller starts the process afresh); LauncherLost when it was asked and
+        did not answer."""
         with self._lock:
             if self._process is None or self._process.poll() is not None:
                 if self._process is not None:
@@ -79,14 +85,25 @@ class Launcher:
                     log.info("mount process started afresh: its command line or environment is too long "
                              "for the launcher", command_bytes=len(_strings(command)))
                     return None
-                return self._ask({"argv": list(command), "env": dict(env)}, ready)
-            except (OSError, ValueError, TimeoutError) as exc:
+            except (OSError, ValueError, KeyError, TypeError) as exc:  # TimeoutError is an OSError
                 self._fail(str(exc))
                 return None
-
-    def close(self) -> None:
-        with self._lock:
-            self._stop()
+            request = json.dumps({"argv": list(command), "env": dict(env)}).encode()
+            try:
+                socket.send_fds(self._socket, [request], [ready])
+            except OSError as exc:
+                self._fail(str(exc))
+                return None
+            try:
+                reply = self._receive(REPLY_TIMEOUT)
+                if "pid" in reply:
+                    return int(reply["pid"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                self._fail(str(exc))
+                raise LauncherLost(str(exc)) from None
+            # It did not fork (fork failed, say for memory) and still serves.
+            log.warning("mount launcher could not fork; starting the mount afresh", reason=reply.get("error"))
+            return None
 
     # -- under the lock ----------------------------------------------------------------------
 
@@ -112,15 +129,8 @@ class Launcher:
         if self._room is None:
             hello = self._receive(HELLO_TIMEOUT)
             self._room = int(hello["arg_room"]), int(hello["env_room"])
+            log.info("mount launcher ready", pid=self._process.pid if self._process else None)
         return self._room
-
-    def _ask(self, request: dict, ready: int) -> int:
-        assert self._socket is not None
-        socket.send_fds(self._socket, [json.dumps(request).encode()], [ready])
-        reply = self._receive(REPLY_TIMEOUT)
-        if "pid" not in reply:
-            raise ValueError(f"the launcher could not fork: {reply.get('error')}")
-        return int(reply["pid"])
 
     def _receive(self, timeout: float) -> dict:
         assert self._socket is not None

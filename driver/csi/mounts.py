@@ -41,7 +41,7 @@ import structlog
 from driver import readiness
 from driver.config import MiB
 from driver.csi.errors import MOUNT_ERROR_CODES, CsiError
-from driver.csi.launcher import READY_FD, Launcher
+from driver.csi.launcher import READY_FD, Launcher, LauncherLost
 from driver.log import VOLUME_ID_ENV
 from driver.mountpoint import mounts as mount_table
 
@@ -267,9 +267,13 @@ class MountManager:
             # The volume's own credentials only: nothing of the node's to fall back on.
             for name in _NODE_CREDENTIAL_VARIABLES:
                 env.pop(name, None)
+        lost: LauncherLost | None = None
         try:
-            pid = self._launcher.launch([*command, str(READY_FD)], env, write_end)
-            if pid is None:
+            try:
+                pid = self._launcher.launch([*command, str(READY_FD)], env, write_end)
+            except LauncherLost as exc:
+                pid, lost = None, exc  # and no process started afresh: there may be one already
+            if pid is None and lost is None:
                 child = subprocess.Popen([*command, str(write_end)], env=env, stdin=subprocess.DEVNULL,
                                          pass_fds=[write_end], start_new_session=True, close_fds=True)
                 self._children[child.pid] = child
@@ -284,6 +288,11 @@ class MountManager:
             line = _read_line(read_end, READY_TIMEOUT)
         finally:
             os.close(read_end)
+        if lost is not None:
+            # A process the launcher may have forked holds the pipe's last writer: by now it
+            # has answered or ended. Unmounted, it ends; kubelet publishes again.
+            self._clean_up(target, None)
+            raise CsiError(grpc.StatusCode.UNAVAILABLE, f"the mount launcher did not answer: {lost}")
         error = readiness.parse(line) if line else (readiness.INTERNAL, "the mount process did not answer")
         if error is not None:
             self._clean_up(target, pid)

@@ -8,6 +8,9 @@ import signal
 import time
 from pathlib import Path
 
+import grpc
+import pytest
+
 from tests.support.kubelet import Kubelet, NodeServer, mounted
 from tests.support.namespaces import alive, cmdline
 
@@ -115,3 +118,26 @@ def test_the_launcher_ends_with_the_node_server_and_its_mounts_do_not(s3_server,
         _wait(lambda: not alive(pid), "the mount process ends")
     finally:
         server.stop()
+
+
+def test_a_launcher_that_takes_a_request_and_never_answers_fails_that_publish_only(s3, bucket, kubelet,
+                                                                                  attributes):
+    s3.put_object(Bucket=bucket, Key="data.txt", Body=b"data")
+    launcher = _wait(lambda: launcher_of(kubelet.server), "the node server starts a launcher")
+    first = kubelet.publish(kubelet.new_pod("first"), "pv-first", attributes)
+    assert parent(mount_pid(kubelet.server, first)) == launcher
+    os.kill(launcher, signal.SIGSTOP)  # it takes the next request and does nothing with it
+    pod = kubelet.new_pod("stalled")
+    with pytest.raises(grpc.RpcError) as error:
+        kubelet.publish(pod, "pv-stalled", attributes)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "the mount launcher did not answer" in error.value.details()
+    target = kubelet.target(pod, "pv-stalled")
+    assert not mounted(target) and not target.exists() and kubelet.server.record(target) is None
+    assert not alive(launcher), "the stalled launcher is stopped for good"
+    assert (first / "data.txt").read_bytes() == b"data", "mounts it forked before keep serving"
+
+    # kubelet tries again: one mount, started afresh.
+    target = kubelet.publish(pod, "pv-stalled", attributes)
+    assert (target / "data.txt").read_bytes() == b"data"
+    assert parent(mount_pid(kubelet.server, target)) == kubelet.server.grpc_server_pid()
