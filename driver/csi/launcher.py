@@ -245,7 +245,8 @@ def _serve(control: socket.socket, text: ProcessText) -> list[str] | None:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             for fd in fds:
                 os.close(fd)
-            control.send(json.dumps({"error": str(exc)}).encode())
+            if not _answer(control, {"error": str(exc)}):
+                return None
             continue
         if pid == 0:
             try:
@@ -256,7 +257,17 @@ def _serve(control: socket.socket, text: ProcessText) -> list[str] | None:
                 traceback.print_exc()
                 os._exit(1)  # never back into the launcher's loop
         os.close(fds[0])
-        control.send(json.dumps({"pid": pid}).encode())
+        if not _answer(control, {"pid": pid}):
+            return None
+
+
+def _answer(control: socket.socket, reply: dict) -> bool:
+    """False when the node server is gone."""
+    try:
+        control.send(json.dumps(reply).encode())
+    except OSError:
+        return False
+    return True
 
 
 def _become(argv: list[str], env: dict[str, str], ready: int, text: ProcessText) -> None:
@@ -270,7 +281,9 @@ def _become(argv: list[str], env: dict[str, str], ready: int, text: ProcessText)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    os.closerange(READY_FD + 1, os.sysconf("SC_OPEN_MAX"))
+    # No closerange as Popen does before exec: the launcher holds no descriptor besides
+    # these and its socket (closed by now), and one a native library held would be pulled
+    # from under it here, where no exec starts the process over.
     os.environ.clear()  # through unsetenv: the C library lets go of the strings overwritten next
     os.environ.update(env)
     text.write_argv(argv)
