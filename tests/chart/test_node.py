@@ -201,7 +201,7 @@ def test_tolerates_every_taint_by_default(defaults):
 
 def test_default_resources_have_a_memory_limit(defaults):
     resources = h.container(node_ds(defaults), "pail")["resources"]
-    assert resources["requests"] == {"cpu": "50m", "memory": "128Mi"}
+    assert resources["requests"] == {"cpu": "50m", "memory": "192Mi"}
     assert resources["limits"] == {"memory": "2Gi"}
 
 
