@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import grpc
@@ -13,18 +12,13 @@ import pytest
 
 from tests.support.kubelet import Kubelet, NodeServer, mounted
 from tests.support.namespaces import alive, cmdline
+from tests.support.processes import wait_until
 
 WAIT = 30.0
 
 
 def _wait(condition, what: str):
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not within {WAIT:.0f} s: {what}")
+    return wait_until(condition, what, WAIT)
 
 
 def launcher_of(server: NodeServer) -> int | None:
