@@ -116,6 +116,9 @@ def build_parser(strict: bool = False) -> argparse.ArgumentParser:
                        help="read files past the kernel's page cache: faster large reads, but a shared "
                             "mmap of a file fails (ENODEV) and every read() is a request to the mount "
                             "(default: off)")
+    files.add_argument("--no-block-fill", dest="block_fill", action="store_false",
+                       help="never fetch a whole 8 MiB block into the page cache for random reads that "
+                            "keep coming back to it (default: fill after 3 reads in a block)")
     objects = mount.add_argument_group("objects")
     objects.add_argument("--storage-class", help="storage class of new objects (e.g. STANDARD_IA)")
     objects.add_argument("--sse", choices=SSE_MODES, help="server-side encryption of new objects")
@@ -239,6 +242,7 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         cache_dir=_cache_dir(args),
         max_cache_size=parse_size(args.max_cache_size or "1GiB", "--max-cache-size"),
         direct_io=args.direct_io,
+        block_fill=args.block_fill,
         write_part_size=parse_size(args.write_part_size, "--write-part-size"),
         allow_overwrite=args.allow_overwrite,
         allow_delete=args.allow_delete,

@@ -221,6 +221,9 @@ class FsSettings:
     # Files opened for reading bypass the kernel's page cache (FOPEN_DIRECT_IO): one copy
     # of every byte fewer, but no shared mmap and every read() a request to the mount.
     direct_io: bool = False
+    # Random reads that keep coming back to a block fetch it whole into the kernel's page
+    # cache (driver.fs.blockfill); only where reads go through that cache (not direct_io).
+    block_fill: bool = True
     # Writing: new objects are multipart uploads of write_part_size parts, at most
     # parts_in_flight uploading while the writer fills the next (past the first, within
     # max_memory).

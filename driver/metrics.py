@@ -43,8 +43,11 @@ S3_SECONDS = Histogram("pail_s3_request_duration_seconds", "Time from sending an
 BYTES_READ = Counter("pail_read_bytes", "Bytes returned to reads of the mount", ["volume"])
 BYTES_WRITTEN = Counter("pail_written_bytes", "Bytes written to files of the mount", ["volume"])
 PREFETCH_READS = Counter("pail_prefetch_reads", "Reads by where their bytes were: hit (fetched already), "
-                         "wait (requested ahead, not arrived yet), miss (requested for this read)",
+                         "wait (requested ahead, not arrived yet), miss (requested for this read), "
+                         "fill (in a block being fetched whole around random reads)",
                          ["volume", "result"])
+BLOCK_FILLS = Counter("pail_block_fills", "Blocks fetched whole around random reads and given to the kernel's "
+                      "page cache", ["volume"])
 FUSE_OPERATIONS = Counter("pail_fuse_operations", "File system operations answered, by errno (OK: none)",
                           ["volume", "operation", "errno"])
 CACHE_BLOCKS = Counter("pail_cache_blocks", "Blocks of 1 MiB wanted from the --cache: hit (read from disk), "
@@ -85,6 +88,10 @@ def written_bytes(n: int) -> None:
 
 def prefetch_read(result: str) -> None:
     PREFETCH_READS.labels(_volume_label(), result).inc()
+
+
+def block_fill() -> None:
+    BLOCK_FILLS.labels(_volume_label()).inc()
 
 
 def handles(delta: int) -> None:

@@ -51,7 +51,8 @@ def run_mount(config: MountConfig, region: str, session=None, *, ready_fd: int |
     log.info("starting", mountpoint=config.mountpoint, region=region,
              endpoint=_without_userinfo(config.s3.endpoint_url), read_only=config.fs.read_only,
              metadata_ttl=config.fs.metadata_ttl, cache=config.fs.cache_dir,
-             max_cache_size=config.fs.max_cache_size if cache else None, direct_io=config.fs.direct_io)
+             max_cache_size=config.fs.max_cache_size if cache else None, direct_io=config.fs.direct_io,
+             block_fill=config.fs.block_fill and not config.fs.direct_io)
 
     async def main() -> None:
         # The bucket was checked just before (cli._check_before_mount).

@@ -26,7 +26,8 @@ from collections.abc import Sequence
 MAX_VALUE_BYTES = 4096
 
 # Options that take no value.
-FLAGS = frozenset({"read-only", "allow-overwrite", "allow-delete", "requester-pays", "debug", "direct-io"})
+FLAGS = frozenset({"read-only", "allow-overwrite", "allow-delete", "requester-pays", "debug", "direct-io",
+                   "no-block-fill"})
 # Options that take one value.
 VALUE_OPTIONS = frozenset({
     "uid", "gid", "file-mode", "dir-mode", "metadata-ttl", "max-memory", "write-part-size",

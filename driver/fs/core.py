@@ -21,11 +21,13 @@ import structlog
 import trio
 
 from driver.config import FsSettings
+from driver.fs.blockfill import BlockFill, PageStore, ReadWaits
 from driver.fs.directories import ABSENT, UNKNOWN, DirHandle, Directories
 from driver.fs.errors import FsError, from_store
 from driver.fs.inode import Inode, InodeTable, Kind
 from driver.fs.names import DELIMITER, NAME_MAX, is_valid_name
 from driver.fs.nextfiles import NextFiles
+from driver.fs.parts import part_size, request_unit
 from driver.fs.prefetch import MemoryBudget, PrefetchConfig, Prefetcher
 from driver.fs.upload import Upload
 from driver.s3.api import ListPage, NoSuchKey, ObjectClient, ObjectClientError
@@ -72,6 +74,10 @@ class Filesystem:
         # Called with an inode number when its size or mtime changed outside a reply to the
         # kernel; the FUSE adapter invalidates the kernel's cached attributes.
         self.on_attributes_changed: Callable[[int], None] = lambda ino: None
+        # Gives bytes to the kernel's page cache; set by the FUSE adapter when reads go
+        # through that cache. Without it, random reads are never filled around.
+        self.store_pages: PageStore | None = None
+        self.read_waits = ReadWaits()
 
     def start(self, nursery: trio.Nursery) -> None:
         """Background work (prefetch, part uploads, relistings) runs in ``nursery``, which
@@ -302,6 +308,7 @@ class Filesystem:
         if inode.is_dir:
             raise FsError(errno.EISDIR, "open of a directory")
         if wants_write(flags):
+            await self._stop_fill(inode)
             return self._open_for_writing(inode, flags, pid), False
         if inode.writer is not None:
             raise FsError(errno.EPERM, "the file is being written: it can be read once complete")
@@ -309,14 +316,38 @@ class Filesystem:
             await self.getattr(ino)
         assert inode.etag is not None and self._nursery is not None
         keep_cache = inode.open_etag == inode.etag
+        if not keep_cache:
+            await self._stop_fill(inode)
         inode.open_etag = inode.etag
         reader = Prefetcher(self.client, inode.key, inode.etag, inode.size, config=self._prefetch,
-                            budget=self.budget, nursery=self._nursery, fetched=self.next_files.take(inode))
+                            budget=self.budget, nursery=self._nursery, fetched=self.next_files.take(inode),
+                            fill=self._fill(inode))
         parent = self.inodes.get(inode.parent)
         if parent is not None:
             self.next_files.opened(inode, self.directories.position(parent, inode.name))
         inode.readers += 1
         return self._new_handle(ReadHandle(inode, reader)), keep_cache
+
+    def _fill(self, inode: Inode) -> BlockFill | None:
+        """The block fill of the version being opened, shared by all its handles."""
+        if self.store_pages is None or not self.settings.block_fill:
+            return None
+        assert inode.etag is not None and self._nursery is not None
+        fill = inode.fill
+        if fill is None or fill.stopped or fill.etag != inode.etag:
+            block = request_unit(part_size(inode.etag, inode.size), self.settings.max_request)
+            fill = inode.fill = BlockFill(self.client, ino=inode.ino, key=inode.key, etag=inode.etag,
+                                          size=inode.size, block=block, budget=self.budget,
+                                          nursery=self._nursery, store=self.store_pages, waits=self.read_waits)
+        return fill
+
+    @staticmethod
+    async def _stop_fill(inode: Inode) -> None:
+        """Before the kernel drops its pages of ``inode`` (an open that does not keep them)
+        or writes its own: no page of the version read before may arrive after."""
+        if inode.fill is not None:
+            fill, inode.fill = inode.fill, None
+            await fill.stop()
 
     async def read(self, fh: int, offset: int, length: int) -> bytes | memoryview:
         handle = self._handles.get(fh)

@@ -11,6 +11,10 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from driver.fs.blockfill import BlockFill
 
 ROOT_INODE = 1  # FUSE's fixed root inode number
 
@@ -39,6 +43,7 @@ class Inode:
     writer: object | None = None  # the handle writing this file, if any
     readers: int = 0  # open read handles
     pins: int = 0  # local entries below this directory: it exists while they do
+    fill: BlockFill | None = None  # blocks around random reads, for the kernel's page cache
 
     @property
     def is_dir(self) -> bool:

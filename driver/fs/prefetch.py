@@ -24,6 +24,7 @@ import errno
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -32,6 +33,9 @@ from driver import metrics
 from driver.fs.errors import FsError, from_store, unexpected
 from driver.fs.parts import part_size, request_unit
 from driver.s3.api import ObjectClient, ObjectClientError
+
+if TYPE_CHECKING:
+    from driver.fs.blockfill import BlockFill
 
 log = structlog.get_logger("pail.prefetch")
 
@@ -163,6 +167,7 @@ class Prefetcher:
         budget: MemoryBudget,
         nursery: trio.Nursery,
         fetched: Chunk | None = None,
+        fill: BlockFill | None = None,
     ) -> None:
         self._client = client
         self._key = key
@@ -173,6 +178,7 @@ class Prefetcher:
         self._nursery = nursery
         self._copies = client.copies_in_flight
         self._chunks: list[Chunk] = [fetched] if fetched is not None else []  # contiguous, in offset order
+        self._fill = fill  # whole blocks for random reads that come back (driver.fs.blockfill)
         self._part = part_size(etag, size)
         self._max_request = request_unit(self._part, config.max_request)
         self._next_size = config.min_request
@@ -181,6 +187,7 @@ class Prefetcher:
         self._stale: FsError | None = None
         self._failed: tuple[int, int, FsError, float] | None = None  # start, end, error, until
         self._closed = False
+        self._missed = False  # the last read sent a request of its own
 
     async def read(self, offset: int, length: int) -> bytes | memoryview:
         """Bytes [offset, offset + length) of the object, short at its end. A read within
@@ -194,6 +201,18 @@ class Prefetcher:
             return b""
         self._fail_again(offset, end)
         sequential = self._is_sequential(offset)
+        if sequential or self._fill is None:
+            return await self._read(offset, end, sequential)
+        filled = await self._from_fill(offset, end)
+        if filled is not None:
+            return filled
+        started = trio.current_time()
+        data = await self._read(offset, end, sequential)
+        if self._missed:
+            self._fill.waits.note(trio.current_time() - started)
+        return data
+
+    async def _read(self, offset: int, end: int, sequential: bool) -> bytes | memoryview:
         if not sequential:
             self._reset()
         self._drop_behind(offset)
@@ -203,6 +222,7 @@ class Prefetcher:
         outcome = ("miss" if len(self._chunks) > fetched_before
                    else "hit" if all(c.done.is_set() for c in needed) else "wait")
         metrics.prefetch_read(outcome)
+        self._missed = outcome == "miss"
         if outcome == "wait" and sequential:
             self._deepen()
         self._position = max(self._position, end) if sequential else end
@@ -237,6 +257,26 @@ class Prefetcher:
         if pos < end:
             parts.append(await self._fetch_direct(pos, end))
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _from_fill(self, offset: int, end: int) -> memoryview | None:
+        """The bytes from a block being filled around random reads, or None (then counted
+        toward filling its block) for the reader to fetch them itself."""
+        assert self._fill is not None
+        chunk = self._fill.covering(offset, end)
+        if chunk is None:
+            self._fill.read_elsewhere(offset, end)
+            return None
+        metrics.prefetch_read("fill")
+        chunk.waiters += 1
+        try:
+            await chunk.done.wait()
+        finally:
+            chunk.waiters -= 1
+        if chunk.error is not None or chunk.cancelled:
+            return None
+        self._reset()
+        self._position = end
+        return chunk.data[offset - chunk.start : end - chunk.start]
 
     async def _fetch_direct(self, start: int, end: int) -> bytes:
         try:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import pyfuse3
 import structlog
+import trio
 
 from driver import metrics
 from driver.fs.core import Filesystem, wants_write
@@ -32,6 +33,8 @@ log = structlog.get_logger("pail.fuse")
 KERNEL_TTL_MAX = 10 * 365 * 24 * 3600.0
 _NS = 1_000_000_000
 # Expected answers, not failures worth a warning.
+# notify_store in pieces: the kernel locks each page it stores, one piece at a time.
+STORE_PIECE = 1024 * 1024
 _QUIET_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENAMETOOLONG, errno.EEXIST,
                  errno.ENOTEMPTY, errno.EPERM, errno.EINVAL, errno.ENOSYS}
 
@@ -57,6 +60,16 @@ def _errors(op: str, **fields: object) -> Iterator[None]:
     metrics.fuse_operation(op)
 
 
+def _store_in_kernel(ino: int, offset: int, data: memoryview) -> None:
+    try:
+        for at in range(0, len(data), STORE_PIECE):
+            pyfuse3.notify_store(ino, offset + at, data[at:at + STORE_PIECE])
+    except OSError as exc:  # ENOENT: the kernel forgot the inode; ENODEV: unmounted
+        log.debug("pages not stored", inode=ino, offset=offset, size=len(data), error=exc.strerror)
+        return
+    metrics.block_fill()
+
+
 class Operations(pyfuse3.Operations):
     """Each method: log at debug, call the core, convert the result."""
 
@@ -69,6 +82,8 @@ class Operations(pyfuse3.Operations):
         ttl = fs.settings.metadata_ttl
         self._ttl = KERNEL_TTL_MAX if math.isinf(ttl) else ttl
         fs.on_attributes_changed = self._invalidate_attributes
+        if not fs.settings.direct_io:  # with direct_io, reads never look in the page cache
+            fs.store_pages = self._store_pages
 
     @staticmethod
     def _invalidate_attributes(ino: int) -> None:
@@ -77,6 +92,12 @@ class Operations(pyfuse3.Operations):
             pyfuse3.invalidate_inode(ino, attr_only=True)
         except OSError as exc:  # ENOENT: the kernel holds nothing for this inode
             log.debug("attribute invalidation skipped", inode=ino, error=exc.strerror)
+
+    @staticmethod
+    async def _store_pages(ino: int, offset: int, data: memoryview) -> None:
+        # In a thread, not on the loop: a page may be locked by a read the kernel sent us,
+        # which this loop must answer before the store can take that page.
+        await trio.to_thread.run_sync(_store_in_kernel, ino, offset, data)
 
     # -- conversion ----------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.support.processes import proc_status_bytes
+from tests.support.processes import proc_status_bytes, wait_until
 from tests.support.proxy import Stall, Status
 
 KiB, MiB = 1024, 1024 * 1024
@@ -134,12 +134,14 @@ def test_random_small_reads_fetch_little_more_than_asked(s3, bucket, proxy, moun
 
 
 @pytest.mark.s3_servers("seaweedfs")
-def test_threads_reading_one_descriptor_at_random_fetch_each_range_once(s3, bucket, proxy, mount_bucket):
+@pytest.mark.parametrize("option", ["--no-block-fill", "--direct-io"])
+def test_threads_reading_one_descriptor_at_random_fetch_each_range_once(s3, bucket, proxy, mount_bucket, option):
     # A Parquet reader's thread pool: preads at random places, all on one descriptor. Each
     # read moves the handle's window; the others' requests must not be cancelled by it.
+    # Without block fills (off, or no page cache to fill), each read is one request.
     upload(s3, bucket, "big", 64 * MiB)
     expected = s3.get_object(Bucket=bucket, Key="big")["Body"].read()
-    mount = mount_bucket(bucket, endpoint=proxy.endpoint)
+    mount = mount_bucket(bucket, option, endpoint=proxy.endpoint)
     os.stat(mount.path / "big")
     proxy.clear()
     places = random.Random(5).sample(range(0, 256, 3), 80)  # never next to one another
@@ -154,6 +156,63 @@ def test_threads_reading_one_descriptor_at_random_fetch_each_range_once(s3, buck
     assert len(done) == 80 and all(data == expected[off:off + 256 * KiB] for off, data in done)
     gets = proxy.records("GetObject")
     assert len(gets) == 80, f"{len(gets)} GETs for 80 reads"
+
+
+def resident_bytes(path) -> int:
+    """Bytes of ``path`` in the kernel's page cache (util-linux fincore: mincore, no read)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    return int(out.strip())
+
+
+@pytest.mark.s3_servers("seaweedfs")
+def test_random_reads_that_keep_coming_back_to_a_block_fetch_it_once_into_the_page_cache(
+        s3, bucket, proxy, mount_bucket):
+    """A shuffled reader of records, against a store 30 ms away: after two reads in one
+    8 MiB block, the block is fetched whole and given to the kernel, and every later read
+    in it is answered from the page cache, with no request."""
+    upload(s3, bucket, "big", 64 * MiB)
+    expected = s3.get_object(Bucket=bucket, Key="big")["Body"].read()
+    mount = mount_bucket(bucket, endpoint=proxy.endpoint)
+    path = mount.path / "big"
+    os.stat(path)
+    proxy.clear()
+    block = 3 * MAX_REQUEST
+    slots = [block + n * 256 * KiB for n in range(32)]
+    first, rest = [slots[31], slots[9]], [s for s in slots if s not in (slots[31], slots[9])]
+    random.Random(2).shuffle(rest)
+    with proxy.inject(Stall(0.03), op="GetObject", times=None), open(path, "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        for offset in first:  # each before the last: never taken for a sequential reader
+            assert os.pread(f.fileno(), 256 * KiB, offset) == expected[offset:offset + 256 * KiB]
+        wait_until(lambda: resident_bytes(path) >= MAX_REQUEST, "the block in the page cache", timeout=30)
+
+        def read(offsets):
+            return [(off, os.pread(f.fileno(), 256 * KiB, off)) for off in offsets]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            done = [r for part in pool.map(read, [rest[i::4] for i in range(4)]) for r in part]
+    assert len(done) == 30 and all(data == expected[off:off + 256 * KiB] for off, data in done)
+    gets = sorted(r.range for r in proxy.records("GetObject"))
+    assert gets == sorted([(off, off + 256 * KiB - 1) for off in first] + [(block, block + MAX_REQUEST - 1)])
+
+
+@pytest.mark.s3_servers("seaweedfs")
+def test_a_block_filled_for_an_old_version_is_not_read_after_the_object_changed(s3, bucket, proxy, mount_bucket):
+    upload(s3, bucket, "big", 16 * MiB, seed=1)
+    new = random.Random(9).randbytes(16 * MiB)
+    mount = mount_bucket(bucket, "--metadata-ttl", "minimal", endpoint=proxy.endpoint)
+    path = mount.path / "big"
+    places = [MAX_REQUEST + n * MiB for n in (7, 3)]
+    with proxy.inject(Stall(0.03), op="GetObject", times=None), open(path, "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        for offset in places:
+            os.pread(f.fileno(), 256 * KiB, offset)
+        wait_until(lambda: resident_bytes(path) >= MAX_REQUEST, "the old block in the page cache", timeout=30)
+    s3.put_object(Bucket=bucket, Key="big", Body=new)
+    with open(path, "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        for offset in range(MAX_REQUEST, 16 * MiB, MiB):
+            assert os.pread(f.fileno(), 4 * KiB, offset + 100) == new[offset + 100:offset + 100 + 4 * KiB]
 
 
 @pytest.mark.s3_servers("seaweedfs")
