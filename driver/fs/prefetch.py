@@ -262,9 +262,8 @@ class Prefetcher:
         """The bytes from a block being filled around random reads, or None (then counted
         toward filling its block) for the reader to fetch them itself."""
         assert self._fill is not None
-        chunk = self._fill.covering(offset, end)
+        chunk = self._fill.read(offset, end)
         if chunk is None:
-            self._fill.read_elsewhere(offset, end)
             return None
         metrics.prefetch_read("fill")
         chunk.waiters += 1

@@ -138,14 +138,15 @@ def test_random_small_reads_fetch_little_more_than_asked(s3, bucket, proxy, moun
 def test_threads_reading_one_descriptor_at_random_fetch_each_range_once(s3, bucket, proxy, mount_bucket, option):
     # A Parquet reader's thread pool: preads at random places, all on one descriptor. Each
     # read moves the handle's window; the others' requests must not be cancelled by it.
-    # Without block fills (off, or no page cache to fill), each read is one request.
+    # Without block fills (off, or no page cache to fill), each read is one request, even
+    # against a store slow enough for fills (30 ms per GET).
     upload(s3, bucket, "big", 64 * MiB)
     expected = s3.get_object(Bucket=bucket, Key="big")["Body"].read()
     mount = mount_bucket(bucket, option, endpoint=proxy.endpoint)
     os.stat(mount.path / "big")
     proxy.clear()
     places = random.Random(5).sample(range(0, 256, 3), 80)  # never next to one another
-    with open(mount.path / "big", "rb", buffering=0) as f:
+    with proxy.inject(Stall(0.03), op="GetObject", times=None), open(mount.path / "big", "rb", buffering=0) as f:
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
 
         def read(offsets):
@@ -181,9 +182,12 @@ def test_random_reads_that_keep_coming_back_to_a_block_fetch_it_once_into_the_pa
     slots = [block + n * 256 * KiB for n in range(32)]
     first, rest = [slots[31], slots[9]], [s for s in slots if s not in (slots[31], slots[9])]
     random.Random(2).shuffle(rest)
+    # Fills start once the mount has seen a few random reads wait on S3: one read in each
+    # of four other blocks first.
+    elsewhere = [b * MAX_REQUEST + MiB for b in (7, 6, 1, 0)]
     with proxy.inject(Stall(0.03), op="GetObject", times=None), open(path, "rb", buffering=0) as f:
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
-        for offset in first:  # each before the last: never taken for a sequential reader
+        for offset in elsewhere + first:  # each before the last: never taken for a sequential reader
             assert os.pread(f.fileno(), 256 * KiB, offset) == expected[offset:offset + 256 * KiB]
         wait_until(lambda: resident_bytes(path) >= MAX_REQUEST, "the block in the page cache", timeout=30)
 
@@ -193,7 +197,8 @@ def test_random_reads_that_keep_coming_back_to_a_block_fetch_it_once_into_the_pa
             done = [r for part in pool.map(read, [rest[i::4] for i in range(4)]) for r in part]
     assert len(done) == 30 and all(data == expected[off:off + 256 * KiB] for off, data in done)
     gets = sorted(r.range for r in proxy.records("GetObject"))
-    assert gets == sorted([(off, off + 256 * KiB - 1) for off in first] + [(block, block + MAX_REQUEST - 1)])
+    assert gets == sorted([(off, off + 256 * KiB - 1) for off in elsewhere + first]
+                          + [(block, block + MAX_REQUEST - 1)])
 
 
 @pytest.mark.s3_servers("seaweedfs")
@@ -202,7 +207,8 @@ def test_a_block_filled_for_an_old_version_is_not_read_after_the_object_changed(
     new = random.Random(9).randbytes(16 * MiB)
     mount = mount_bucket(bucket, "--metadata-ttl", "minimal", endpoint=proxy.endpoint)
     path = mount.path / "big"
-    places = [MAX_REQUEST + n * MiB for n in (7, 3)]
+    # Five reads in one block: it fills at the fifth, once four reads have waited on S3.
+    places = [MAX_REQUEST + n * MiB for n in (7, 6, 5, 4, 3)]
     with proxy.inject(Stall(0.03), op="GetObject", times=None), open(path, "rb", buffering=0) as f:
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
         for offset in places:
