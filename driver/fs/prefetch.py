@@ -187,7 +187,6 @@ class Prefetcher:
         self._stale: FsError | None = None
         self._failed: tuple[int, int, FsError, float] | None = None  # start, end, error, until
         self._closed = False
-        self._missed = False  # the last read sent a request of its own
 
     async def read(self, offset: int, length: int) -> bytes | memoryview:
         """Bytes [offset, offset + length) of the object, short at its end. A read within
@@ -202,17 +201,20 @@ class Prefetcher:
         self._fail_again(offset, end)
         sequential = self._is_sequential(offset)
         if sequential or self._fill is None:
-            return await self._read(offset, end, sequential)
+            return await self._gather(self._plan(offset, end, sequential)[0], offset, end)
         filled = await self._from_fill(offset, end)
         if filled is not None:
             return filled
         started = trio.current_time()
-        data = await self._read(offset, end, sequential)
-        if self._missed:
+        needed, outcome = self._plan(offset, end, sequential)
+        data = await self._gather(needed, offset, end)
+        if outcome == "miss":  # how long S3 took for a random read: when block fills pay
             self._fill.waits.note(trio.current_time() - started)
         return data
 
-    async def _read(self, offset: int, end: int, sequential: bool) -> bytes | memoryview:
+    def _plan(self, offset: int, end: int, sequential: bool) -> tuple[list[Chunk], str]:
+        """The chunks that hold [offset, end), requested now if need be, and the requests
+        ahead; with whether the bytes were there (hit), on their way (wait) or not (miss)."""
         if not sequential:
             self._reset()
         self._drop_behind(offset)
@@ -222,12 +224,14 @@ class Prefetcher:
         outcome = ("miss" if len(self._chunks) > fetched_before
                    else "hit" if all(c.done.is_set() for c in needed) else "wait")
         metrics.prefetch_read(outcome)
-        self._missed = outcome == "miss"
         if outcome == "wait" and sequential:
             self._deepen()
         self._position = max(self._position, end) if sequential else end
         if sequential:
             self._prefetch_ahead()
+        return needed, outcome
+
+    async def _gather(self, needed: list[Chunk], offset: int, end: int) -> bytes | memoryview:
         parts: list[bytes | memoryview] = []
         pos = offset
         for chunk in needed:
