@@ -11,11 +11,15 @@ import urllib.request
 import pytest
 
 from tests.support.kubelet import Kubelet, NodeServer
+from tests.support.mounts import resident_bytes
+from tests.support.processes import wait_until
+from tests.support.proxy import Stall
 from tests.support.s3server import free_port
 
 pytestmark = pytest.mark.s3_servers("seaweedfs")
 
-KiB = 1024
+KiB, MiB = 1024, 1024 * 1024
+BLOCK = 8 * MiB  # a block fill's size: the largest request
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -128,3 +132,32 @@ def test_a_volumes_series_end_when_it_is_unpublished(s3, bucket, metrics_node, s
     after = scrape(port)
     assert not any(dict(labels).get("volume") == "pv-gone" for (_, labels) in after)
     assert total(after, "pail_mounts") == 0
+
+
+def test_a_block_fetched_whole_into_the_page_cache_is_counted(s3, bucket, proxy, metrics_node):
+    """Random reads against a store 30 ms away that come back to one block: the block is
+    fetched once, whole, handed to the page cache, and counted in pail_block_fills_total."""
+    kubelet, port = metrics_node
+    data = os.urandom(64 * MiB)
+    s3.put_object(Bucket=bucket, Key="big", Body=data)
+    target = kubelet.publish(kubelet.new_pod(), "pv-fill", {"bucketName": bucket, "endpoint": proxy.endpoint,
+                                                            "region": "us-east-1"})
+    path = target / "big"
+    os.stat(path)
+    before = scrape(port)
+    proxy.clear()
+    # Reads in four other blocks first (fills start once random reads have waited on S3),
+    # then two in block 3, each before the last so that none looks sequential.
+    offsets = [b * BLOCK + MiB for b in (7, 6, 1, 0)] + [3 * BLOCK + 7 * MiB, 3 * BLOCK + 2 * MiB]
+    with proxy.inject(Stall(0.03), op="GetObject", times=None), open(path, "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        for offset in offsets:
+            assert os.pread(f.fileno(), 256 * KiB, offset) == data[offset:offset + 256 * KiB]
+        wait_until(lambda: resident_bytes(path) >= BLOCK, "the block in the page cache", timeout=30)
+
+    def fills() -> float:
+        return total(scrape(port), "pail_block_fills_total") - total(before, "pail_block_fills_total")
+    wait_until(lambda: fills() >= 1, "a block fill counted", timeout=30)
+    assert fills() == 1
+    whole = [r.range for r in proxy.records("GetObject") if r.range[1] + 1 - r.range[0] == BLOCK]
+    assert whole == [(3 * BLOCK, 4 * BLOCK - 1)]

@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from tests.support.mounts import resident_bytes
 from tests.support.processes import proc_status_bytes, wait_until
 from tests.support.proxy import Stall, Status
 
@@ -157,13 +158,6 @@ def test_threads_reading_one_descriptor_at_random_fetch_each_range_once(s3, buck
     assert len(done) == 80 and all(data == expected[off:off + 256 * KiB] for off, data in done)
     gets = proxy.records("GetObject")
     assert len(gets) == 80, f"{len(gets)} GETs for 80 reads"
-
-
-def resident_bytes(path) -> int:
-    """Bytes of ``path`` in the kernel's page cache (util-linux fincore: mincore, no read)."""
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                         capture_output=True, text=True, timeout=30, check=True).stdout
-    return int(out.strip())
 
 
 @pytest.mark.s3_servers("seaweedfs")

@@ -38,6 +38,13 @@ def is_mounted(path: Path) -> bool:
         return any(line.split()[4] == target for line in mountinfo)
 
 
+def resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the kernel's page cache (util-linux fincore: mincore, no read)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    return int(out.strip())
+
+
 def force_unmount(path: Path) -> None:
     """Lazy unmount: never blocks, works on a dead or busy mount."""
     if is_mounted(path):
