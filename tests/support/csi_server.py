@@ -74,6 +74,7 @@ class CsiServerProcess:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()  # what it made before it exited (a node server's socket directory)
                 raise RuntimeError(f"{self.name} exited: {self.log()[-3000:]}")
             if self.socket.exists():
                 try:
