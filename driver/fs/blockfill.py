@@ -10,6 +10,12 @@ once, and handed to the kernel's page cache (``store``, FUSE's notify_store). Th
 that follow in it are answered by the kernel without a request to the mount; reads that
 arrive while the block is in flight wait for it instead of asking S3 themselves.
 
+Once a quarter of the object's random reads have landed in blocks read before
+(``comes_back``), a block is filled at its first read: that reader will likely come back
+to it too. A reader that touches each block once (reads spread thin over a large object)
+never gets there, and never fetches 32 times the bytes it reads, which filling every block
+at its first read, as s3fs does, would cost it.
+
 Only where every recent random read waited long on S3 (``ReadWaits``: the shortest
 ``SLOW_READ`` or more, as against S3 itself, ten milliseconds or more to a first byte):
 there a block costs one round trip and its transfer, in the background, against a round
@@ -44,6 +50,10 @@ log = structlog.get_logger("pail.blockfill")
 
 FILL_AFTER_READS = 2
 FILL_AFTER_FRACTION = 32  # and at least 1/32 of the block read: 256 KiB of 8 MiB
+# From a block's first read, once a quarter of the object's random reads (of at least 16)
+# landed in blocks read before: such a reader will likely come back to this one too.
+FIRST_READ_RETURNS = 4
+FIRST_READ_AFTER = 16
 SLOW_READ = 0.008  # seconds the quickest recent random read waited on S3, for fills to pay
 # Blocks with reads counted, per object version; past it the counts start again, so a
 # reader of a huge object costs a bounded map, not one entry per block it ever touched.
@@ -96,6 +106,7 @@ class BlockFill:
         self._counts: dict[int, list[int]] = {}  # block index -> [reads, bytes read]
         self._filling: dict[int, Chunk] = {}
         self._filled: set[int] = set()
+        self._reads = self._returns = 0  # random reads; those in a block read before
         self._storing = trio.Lock()
         self.stopped = False
 
@@ -104,6 +115,9 @@ class BlockFill:
         to wait on; else None, the read counted toward filling its block."""
         index = offset // self._block
         chunk = self._filling.get(index)
+        self._reads += 1
+        if chunk is not None or index in self._filled or index in self._counts:
+            self._returns += 1
         if chunk is not None and chunk.start <= offset and end <= chunk.end and not chunk.cancelled:
             return chunk
         if self.stopped or chunk is not None or index in self._filled:
@@ -113,9 +127,16 @@ class BlockFill:
         count = self._counts.setdefault(index, [0, 0])
         count[0] += 1
         count[1] += end - offset
-        if count[0] >= FILL_AFTER_READS and count[1] * FILL_AFTER_FRACTION >= self._block and self.waits.slow:
+        if ((count[0] >= FILL_AFTER_READS or self.comes_back) and count[1] * FILL_AFTER_FRACTION >= self._block
+                and self.waits.slow):
             self._start(index)
         return None
+
+    @property
+    def comes_back(self) -> bool:
+        """Whether enough of this object's random reads land in blocks read before for a
+        block's first read to start its fill."""
+        return self._reads >= FIRST_READ_AFTER and self._returns * FIRST_READ_RETURNS >= self._reads
 
     def _start(self, index: int) -> None:
         start = index * self._block

@@ -200,3 +200,40 @@ def test_after_stop_no_page_of_the_old_version_reaches_the_kernel():
     _, pages, budget = run(data, body)
     assert [offset for _, offset, _ in pages.stores] == [0]
     assert budget.used == 0
+
+
+def test_once_a_quarter_of_the_reads_come_back_a_block_fills_at_its_first_read():
+    data = os.urandom(10 * BLOCK)
+    first, second, third = zip(*(places_in_block(block, 3) for block in range(4)))
+    # With the warm-up: 4 blocks read twice (filled at the second), 2 once, 2 again: 6 of 16
+    # reads came back.
+    steps = [*reversed(first), *reversed(second), places_in_block(5, 1)[0], places_in_block(4, 1)[0],
+             third[1], third[0]]
+
+    async def body(reader, fill, client, pages):
+        for offset in steps:
+            await reader.read(offset, 256 * KiB)
+        assert fill.comes_back
+        await reader.read(8 * BLOCK + MiB, 256 * KiB)
+        await trio.sleep(1)
+
+    client, pages, _ = run(data, body)
+    assert sorted(offset // BLOCK for _, offset, _ in pages.stores) == [0, 1, 2, 3, 8]
+    assert (8 * BLOCK, BLOCK) in gets(client)
+
+
+def test_a_reader_that_rarely_comes_back_fills_only_at_second_reads():
+    data = os.urandom(24 * BLOCK)
+    # 20 blocks read once, 2 of them again: 2 of 24 reads came back.
+    once = [places_in_block(block, 2)[0] for block in reversed(range(20))]
+    again = [places_in_block(block, 2)[1] for block in (3, 7)]
+
+    async def body(reader, fill, client, pages):
+        for offset in once + again:
+            await reader.read(offset, 256 * KiB)
+        await reader.read(22 * BLOCK + MiB, 256 * KiB)
+        await trio.sleep(1)
+        assert not fill.comes_back
+
+    client, pages, _ = run(data, body)
+    assert sorted(offset // BLOCK for _, offset, _ in pages.stores) == [3, 7]
