@@ -10,7 +10,7 @@ once, and handed to the kernel's page cache (``store``, FUSE's notify_store). Th
 that follow in it are answered by the kernel without a request to the mount; reads that
 arrive while the block is in flight wait for it instead of asking S3 themselves.
 
-Once a quarter of the object's random reads have landed in blocks read before
+Once a quarter of the object's recent random reads have landed in blocks read before
 (``comes_back``), a block is filled at its first read: that reader will likely come back
 to it too. A reader that touches each block once (reads spread thin over a large object)
 never gets there, and never fetches 32 times the bytes it reads, which filling every block
@@ -54,6 +54,9 @@ FILL_AFTER_FRACTION = 32  # and at least 1/32 of the block read: 256 KiB of 8 Mi
 # landed in blocks read before: such a reader will likely come back to this one too.
 FIRST_READ_RETURNS = 4
 FIRST_READ_AFTER = 16
+# Both counts halved at this many reads: the share is of about the last hundred, so a
+# reader that turns sparse stops filling at first reads within about as many.
+RETURNS_WINDOW = 128
 SLOW_READ = 0.008  # seconds the quickest recent random read waited on S3, for fills to pay
 # Blocks with reads counted, per object version; past it the counts start again, so a
 # reader of a huge object costs a bounded map, not one entry per block it ever touched.
@@ -118,6 +121,9 @@ class BlockFill:
         self._reads += 1
         if chunk is not None or index in self._filled or index in self._counts:
             self._returns += 1
+        if self._reads >= RETURNS_WINDOW:
+            self._reads //= 2
+            self._returns //= 2
         if chunk is not None and chunk.start <= offset and end <= chunk.end and not chunk.cancelled:
             return chunk
         if self.stopped or chunk is not None or index in self._filled:

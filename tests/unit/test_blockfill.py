@@ -237,3 +237,23 @@ def test_a_reader_that_rarely_comes_back_fills_only_at_second_reads():
 
     client, pages, _ = run(data, body)
     assert sorted(offset // BLOCK for _, offset, _ in pages.stores) == [3, 7]
+
+
+def test_a_reader_that_turns_sparse_stops_filling_at_first_reads():
+    """The share of reads that came back is of the recent ones: after a dense start, a few
+    hundred reads that never come back end the fills at first reads."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            client = MemoryClient()
+            fill = BlockFill(client, ino=7, key="obj", etag="e", size=1000 * BLOCK, block=BLOCK,
+                             budget=MemoryBudget(256 * MiB), nursery=nursery, store=PageCache().store,
+                             waits=ReadWaits())  # no waits known: counts only, no fill starts
+            for n in range(200):
+                fill.read(n % 10 * BLOCK, n % 10 * BLOCK + 4 * KiB)
+            assert fill.comes_back
+            for block in range(10, 210):
+                fill.read(block * BLOCK, block * BLOCK + 4 * KiB)
+            assert not fill.comes_back
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
