@@ -196,6 +196,33 @@ def test_random_reads_that_keep_coming_back_to_a_block_fetch_it_once_into_the_pa
 
 
 @pytest.mark.s3_servers("seaweedfs")
+def test_once_a_reader_keeps_coming_back_a_block_is_fetched_at_its_first_read(s3, bucket, proxy, mount_bucket):
+    """Against a store 30 ms away: once a quarter of the random reads (of 16 or more) came
+    back to blocks read before, a block is fetched whole at its first read, not its second."""
+    upload(s3, bucket, "big", 12 * MAX_REQUEST)
+    expected = s3.get_object(Bucket=bucket, Key="big")["Body"].read()
+    mount = mount_bucket(bucket, endpoint=proxy.endpoint)
+    path = mount.path / "big"
+    os.stat(path)
+    proxy.clear()
+    # Four reads elsewhere (fills wait for reads that waited on S3), then blocks 7 to 2 read
+    # twice (filled at the second): 6 of 16 reads came back. Then one read in block 1.
+    elsewhere = [b * MAX_REQUEST + MiB for b in (11, 10, 9, 8)]
+    twice = range(7, 1, -1)
+    offsets = (elsewhere + [b * MAX_REQUEST + 5 * MiB for b in twice] + [b * MAX_REQUEST + MiB for b in twice]
+               + [MAX_REQUEST + 5 * MiB])
+    with proxy.inject(Stall(0.03), op="GetObject", times=None), open(path, "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        for offset in offsets:
+            assert os.pread(f.fileno(), 256 * KiB, offset) == expected[offset:offset + 256 * KiB]
+        wait_until(lambda: resident_bytes(path) >= 7 * MAX_REQUEST, "seven blocks in the page cache", timeout=30)
+    whole = sorted(r.range[0] // MAX_REQUEST for r in proxy.records("GetObject")
+                   if r.range[1] + 1 - r.range[0] == MAX_REQUEST)
+    assert whole == [1, 2, 3, 4, 5, 6, 7]
+    assert len(proxy.records("GetObject")) == len(offsets) + len(whole)
+
+
+@pytest.mark.s3_servers("seaweedfs")
 def test_a_block_filled_for_an_old_version_is_not_read_after_the_object_changed(s3, bucket, proxy, mount_bucket):
     upload(s3, bucket, "big", 16 * MiB, seed=1)
     new = random.Random(9).randbytes(16 * MiB)
