@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import os
 import random
@@ -27,6 +28,26 @@ def upload(s3, bucket, key, size, seed=1):
     data = b"".join(bytes([i % 251]) + block[1:] for i in range(size // MiB))
     s3.put_object(Bucket=bucket, Key=key, Body=data)
     return hashlib.sha256(data).hexdigest()
+
+
+def mounted_object(s3, bucket, proxy, mount_bucket, size):
+    """An object of ``size`` bytes, its path through a fresh mount behind ``proxy`` (looked
+    up, the proxy's records cleared) and its bytes."""
+    upload(s3, bucket, "big", size)
+    expected = s3.get_object(Bucket=bucket, Key="big")["Body"].read()
+    path = mount_bucket(bucket, endpoint=proxy.endpoint).path / "big"
+    os.stat(path)
+    proxy.clear()
+    return path, expected
+
+
+@contextlib.contextmanager
+def random_reader_of_a_slow_store(proxy, path):
+    """``path`` opened unbuffered, advised random, while every GET answers 30 ms late (S3 as
+    seen from EC2): where block fills run."""
+    with proxy.inject(Stall(0.03), op="GetObject", times=None), open(path, "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        yield f
 
 
 def peak_rss(pid: int) -> int:
@@ -166,12 +187,7 @@ def test_random_reads_that_keep_coming_back_to_a_block_fetch_it_once_into_the_pa
     """A shuffled reader of records, against a store 30 ms away: after two reads in one
     8 MiB block, the block is fetched whole and given to the kernel, and every later read
     in it is answered from the page cache, with no request."""
-    upload(s3, bucket, "big", 64 * MiB)
-    expected = s3.get_object(Bucket=bucket, Key="big")["Body"].read()
-    mount = mount_bucket(bucket, endpoint=proxy.endpoint)
-    path = mount.path / "big"
-    os.stat(path)
-    proxy.clear()
+    path, expected = mounted_object(s3, bucket, proxy, mount_bucket, 64 * MiB)
     block = 3 * MAX_REQUEST
     slots = [block + n * 256 * KiB for n in range(32)]
     first, rest = [slots[31], slots[9]], [s for s in slots if s not in (slots[31], slots[9])]
@@ -179,8 +195,7 @@ def test_random_reads_that_keep_coming_back_to_a_block_fetch_it_once_into_the_pa
     # Fills start once the mount has seen a few random reads wait on S3: one read in each
     # of four other blocks first.
     elsewhere = [b * MAX_REQUEST + MiB for b in (7, 6, 1, 0)]
-    with proxy.inject(Stall(0.03), op="GetObject", times=None), open(path, "rb", buffering=0) as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+    with random_reader_of_a_slow_store(proxy, path) as f:
         for offset in elsewhere + first:  # each before the last: never taken for a sequential reader
             assert os.pread(f.fileno(), 256 * KiB, offset) == expected[offset:offset + 256 * KiB]
         wait_until(lambda: resident_bytes(path) >= MAX_REQUEST, "the block in the page cache", timeout=30)
@@ -199,20 +214,14 @@ def test_random_reads_that_keep_coming_back_to_a_block_fetch_it_once_into_the_pa
 def test_once_a_reader_keeps_coming_back_a_block_is_fetched_at_its_first_read(s3, bucket, proxy, mount_bucket):
     """Against a store 30 ms away: once a quarter of the random reads (of 16 or more) came
     back to blocks read before, a block is fetched whole at its first read, not its second."""
-    upload(s3, bucket, "big", 12 * MAX_REQUEST)
-    expected = s3.get_object(Bucket=bucket, Key="big")["Body"].read()
-    mount = mount_bucket(bucket, endpoint=proxy.endpoint)
-    path = mount.path / "big"
-    os.stat(path)
-    proxy.clear()
+    path, expected = mounted_object(s3, bucket, proxy, mount_bucket, 12 * MAX_REQUEST)
     # Four reads elsewhere (fills wait for reads that waited on S3), then blocks 7 to 2 read
     # twice (filled at the second): 6 of 16 reads came back. Then one read in block 1.
     elsewhere = [b * MAX_REQUEST + MiB for b in (11, 10, 9, 8)]
     twice = range(7, 1, -1)
     offsets = (elsewhere + [b * MAX_REQUEST + 5 * MiB for b in twice] + [b * MAX_REQUEST + MiB for b in twice]
                + [MAX_REQUEST + 5 * MiB])
-    with proxy.inject(Stall(0.03), op="GetObject", times=None), open(path, "rb", buffering=0) as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+    with random_reader_of_a_slow_store(proxy, path) as f:
         for offset in offsets:
             assert os.pread(f.fileno(), 256 * KiB, offset) == expected[offset:offset + 256 * KiB]
         wait_until(lambda: resident_bytes(path) >= 7 * MAX_REQUEST, "seven blocks in the page cache", timeout=30)
@@ -230,8 +239,7 @@ def test_a_block_filled_for_an_old_version_is_not_read_after_the_object_changed(
     path = mount.path / "big"
     # Five reads in one block: it fills at the fifth, once four reads have waited on S3.
     places = [MAX_REQUEST + n * MiB for n in (7, 6, 5, 4, 3)]
-    with proxy.inject(Stall(0.03), op="GetObject", times=None), open(path, "rb", buffering=0) as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+    with random_reader_of_a_slow_store(proxy, path) as f:
         for offset in places:
             os.pread(f.fileno(), 256 * KiB, offset)
         wait_until(lambda: resident_bytes(path) >= MAX_REQUEST, "the old block in the page cache", timeout=30)
