@@ -37,8 +37,20 @@ def cache_files(cache) -> list:
     return [p for p in (cache / "pail-cache").rglob("*") if p.is_file() and p.suffix != ".new"]
 
 
+def temporaries(cache) -> list:
+    return [p for p in (cache / "pail-cache").rglob("*.new") if p.is_file()]
+
+
 def disk_use(cache) -> int:
     return sum(p.stat().st_size for p in cache_files(cache))
+
+
+def after_the_writer(condition, seconds: float = 10) -> None:
+    """Blocks reach the disk on the cache's writer thread, after the read that fetched them
+    returned: wait (bounded) until ``condition()``; the assertion after says what is wrong."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @pytest.mark.s3_servers("seaweedfs")
@@ -49,7 +61,9 @@ def test_reading_again_comes_from_the_cache(s3, bucket, proxy, mount_bucket, tmp
     mount = mount_bucket(bucket, "--cache", str(cache), endpoint=proxy.endpoint)
     assert read_all(mount.path / "data/train.bin") == data
     assert fetched(proxy) >= len(data)
-    assert len(cache_files(cache)) == -(-len(data) // BLOCK_SIZE)  # whole blocks, and the short last one
+    blocks = -(-len(data) // BLOCK_SIZE)  # whole blocks, and the short last one
+    after_the_writer(lambda: len(cache_files(cache)) >= blocks)
+    assert len(cache_files(cache)) == blocks
 
     proxy.clear()
     for _ in range(2):
@@ -86,9 +100,7 @@ def test_a_random_read_fetches_what_it_needs_and_reading_it_again_fetches_nothin
     # prefetcher's smallest request), not widened to whole 1 MiB blocks (2 MiB for these).
     first_pass = fetched(proxy)
     assert 0 < first_pass < 2 * MiB
-    deadline = time.monotonic() + 10  # the writer thread puts what was fetched on disk
-    while time.monotonic() < deadline and disk_use(cache) < first_pass:
-        time.sleep(0.05)
+    after_the_writer(lambda: disk_use(cache) >= first_pass)
     proxy.clear()
     read_samples()
     assert proxy.records("GetObject") == [], "the same bytes again come from the disk"
@@ -117,9 +129,7 @@ def test_a_damaged_block_is_read_from_s3_again(s3, bucket, proxy, mount_bucket, 
     cache = tmp_path / "cache"
     mount = mount_bucket(bucket, "--cache", str(cache), endpoint=proxy.endpoint)
     assert read_all(mount.path / "f") == data
-    deadline = time.monotonic() + 10  # the cache writes in the background
-    while len(cache_files(cache)) < 4 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    after_the_writer(lambda: len(cache_files(cache)) >= 4)
     block = sorted(cache_files(cache), key=lambda p: p.name)[2]
     with open(block, "r+b") as f:
         f.seek(100_000)
@@ -140,10 +150,7 @@ def test_the_cache_stays_within_its_size(s3, bucket, mount_bucket, tmp_path):
     mount = mount_bucket(bucket, "--cache", str(cache), "--max-cache-size", "16MiB")
     for _ in range(2):
         assert hashlib.sha256(read_all(mount.path / "big")).digest() == hashlib.sha256(data).digest()
-        # Blocks are written off the read path: wait (bounded) for the writer to catch up.
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and disk_use(cache) < 15 * MiB:
-            time.sleep(0.1)
+        after_the_writer(lambda: disk_use(cache) >= 15 * MiB)
         assert 15 * MiB <= disk_use(cache) <= 16 * MiB
 
 
@@ -160,10 +167,8 @@ def test_a_full_cache_disk_is_not_the_readers_error(s3, bucket, mount_bucket, tm
             assert read_all(mount.path / "f") == data
         assert any(e["event"].startswith("cache write failed") and e["errno"] == 28 for e in mount.log())
         # A write that failed leaves nothing behind that would keep the disk full.
-        deadline = time.monotonic() + 5  # the writer thread may be finishing its last file
-        while time.monotonic() < deadline and any(p.name.endswith(".new") for p in cache_files(cache)):
-            time.sleep(0.05)
-        assert not [p.name for p in cache_files(cache) if p.name.endswith(".new")]
+        after_the_writer(lambda: not temporaries(cache), seconds=5)
+        assert temporaries(cache) == []
         mount.stop()
     finally:
         subprocess.run(["umount", "-l", str(cache)], check=True)
