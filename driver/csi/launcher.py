@@ -105,6 +105,11 @@ class Launcher:
             log.warning("mount launcher could not fork; starting the mount afresh", reason=reply.get("error"))
             return None
 
+    def close(self) -> None:
+        """Stop the launcher; the mount processes it forked go on."""
+        with self._lock:
+            self._stop()
+
     # -- under the lock ----------------------------------------------------------------------
 
     def _start(self) -> None:

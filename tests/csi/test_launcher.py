@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 
+import driver.csi.launcher as launcher_module
+from driver.csi.launcher import ROOM, Launcher
 from tests.support.kubelet import Kubelet, NodeServer, mounted
 from tests.support.namespaces import alive, cmdline
 from tests.support.processes import wait_until
@@ -135,3 +139,58 @@ def test_a_launcher_that_takes_a_request_and_never_answers_fails_that_publish_on
     target = kubelet.publish(pod, "pv-stalled", attributes)
     assert (target / "data.txt").read_bytes() == b"data"
     assert parent(mount_pid(kubelet.server, target)) == kubelet.server.grpc_server_pid()
+
+
+# -- the node server's end (driver.csi.launcher.Launcher), with a real launcher process ------
+
+
+def _launch(launcher: Launcher, *args: str, env: dict | None = None) -> int | None:
+    """What the node server asks for a mount process, here one that prints the version."""
+    read_end, write_end = os.pipe()
+    try:
+        return launcher.launch([sys.executable, "-m", "driver", "--version", *args],
+                               env if env is not None else dict(os.environ), write_end)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def launchers_of_this_process() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir()
+            if entry.name.isdigit() and parent(int(entry.name)) == os.getpid()
+            and b"driver.csi.launcher" in cmdline(int(entry.name)) and alive(int(entry.name))]
+
+
+@pytest.fixture
+def launcher():
+    launcher = Launcher(dict(os.environ))
+    yield launcher
+    launcher.close()
+
+
+def test_a_mount_whose_command_line_or_environment_does_not_fit_is_started_afresh(launcher):
+    launcher.start()
+    assert _launch(launcher) is not None, "a short command line is forked"
+    [process] = launchers_of_this_process()
+    # The launcher keeps about 8 KiB of room in each (ROOM): more would not show in /proc as the mount's own.
+    assert _launch(launcher, "x" * 2 * ROOM) is None
+    assert _launch(launcher, env={**os.environ, "PAIL_TEST_LONG": "x" * 2 * ROOM}) is None
+    assert launchers_of_this_process() == [process], "the launcher stays"
+    assert _launch(launcher, "x" * 100) is not None, "and forks the next that fits"
+
+
+def test_a_launcher_that_never_gets_ready_is_given_up_and_not_started_again_for_a_while(launcher, monkeypatch):
+    monkeypatch.setattr(launcher_module, "HELLO_TIMEOUT", 1.0)
+    monkeypatch.setattr(launcher_module, "RETRY_AFTER", 4.0)
+    launcher.start()
+    [process] = launchers_of_this_process()
+    os.kill(process, signal.SIGSTOP)  # still importing: a launcher stuck before it answers
+    assert _launch(launcher) is None, "the publish starts its mount afresh"
+    _wait(lambda: not alive(process), "the stuck launcher is stopped")
+    # Another started at once would likely get stuck too: publishes start mounts afresh.
+    assert _launch(launcher) is None
+    assert launchers_of_this_process() == []
+    time.sleep(4.0)
+    assert _launch(launcher) is None, "this publish starts one, and does not wait for it"
+    assert len(launchers_of_this_process()) == 1
+    assert _launch(launcher) is not None, "the next is forked by it"
