@@ -110,7 +110,10 @@ def test_the_launcher_ends_with_the_node_server_and_its_mounts_do_not(s3_server,
         _wait(lambda: not alive(launcher), "the launcher ends with its server")
         assert alive(pid) and mounted(target), "the mount outlives both"
         os.listdir(target)
-        _wait(lambda: launcher_of(server) not in (None, launcher), "a new server with a new launcher")
+        # The new server starts its launcher before it listens: wait until it answers too.
+        _wait(lambda: launcher_of(server) not in (None, launcher) and server.answers_probe(),
+              "a new server, answering, with a new launcher")
+        kubelet = Kubelet(server)  # a new connection, as kubelet's after a restart
         kubelet.unpublish(pod, "pv-outlives")  # the new server adopted the mount
         assert not mounted(target)
         _wait(lambda: not alive(pid), "the mount process ends")
