@@ -196,4 +196,5 @@ def test_a_launcher_that_never_gets_ready_is_given_up_and_not_started_again_for_
     time.sleep(4.0)
     assert _launch(launcher) is None, "this publish starts one, and does not wait for it"
     assert len(launchers_of_this_process()) == 1
+    monkeypatch.setattr(launcher_module, "HELLO_TIMEOUT", 30.0)  # its imports get their usual time
     assert _launch(launcher) is not None, "the next is forked by it"

@@ -10,6 +10,8 @@ import os
 
 import pytest
 
+from tests.support.cache_dir import after_the_writer, disk_use
+
 MiB = 1024 * 1024
 _CACHESTAT = 451  # cachestat(2), Linux 6.5: the same number on every architecture
 
@@ -122,6 +124,7 @@ def test_direct_io_reads_again_from_the_cache(big_object, bucket, proxy, mount_b
     mount = mount_bucket(bucket, "--direct-io", "--cache", str(tmp_path / "cache"), endpoint=proxy.endpoint)
     assert read_through(mount.path / "weights.bin", big_object) == 0
     assert sum(r.response_bytes for r in proxy.records("GetObject")) >= len(big_object)
+    after_the_writer(lambda: disk_use(tmp_path / "cache") >= len(big_object))
     proxy.clear()
     assert read_through(mount.path / "weights.bin", big_object) == 0
     # Python's buffers do not start on a page, so the kernel cuts a large direct read into
