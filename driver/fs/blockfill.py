@@ -10,7 +10,7 @@ once, and handed to the kernel's page cache (``store``, FUSE's notify_store). Th
 that follow in it are answered by the kernel without a request to the mount; reads that
 arrive while the block is in flight wait for it instead of asking S3 themselves.
 
-Once a quarter of the object's recent random reads have landed in blocks read before
+Once an eighth of the object's recent random reads have landed in blocks read before
 (``comes_back``), a block is filled at its first read: that reader will likely come back
 to it too. A reader that touches each block once (reads spread thin over a large object)
 never gets there, and never fetches 32 times the bytes it reads, which filling every block
@@ -50,9 +50,9 @@ log = structlog.get_logger("pail.blockfill")
 
 FILL_AFTER_READS = 2
 FILL_AFTER_FRACTION = 32  # and at least 1/32 of the block read: 256 KiB of 8 MiB
-# From a block's first read, once a quarter of the object's random reads (of at least 16)
+# From a block's first read, once an eighth of the object's random reads (of at least 16)
 # landed in blocks read before: such a reader will likely come back to this one too.
-FIRST_READ_RETURNS = 4
+FIRST_READ_RETURNS = 8
 FIRST_READ_AFTER = 16
 # Both counts halved at this many reads: the share is of about the last hundred, so a
 # reader that turns sparse stops filling at first reads within about as many.

@@ -212,7 +212,7 @@ def test_random_reads_that_keep_coming_back_to_a_block_fetch_it_once_into_the_pa
 
 @pytest.mark.s3_servers("seaweedfs")
 def test_once_a_reader_keeps_coming_back_a_block_is_fetched_at_its_first_read(s3, bucket, proxy, mount_bucket):
-    """Against a store 30 ms away: once a quarter of the random reads (of 16 or more) came
+    """Against a store 30 ms away: once an eighth of the random reads (of 16 or more) came
     back to blocks read before, a block is fetched whole at its first read, not its second."""
     path, expected = mounted_object(s3, bucket, proxy, mount_bucket, 12 * MAX_REQUEST)
     # Four reads elsewhere (fills wait for reads that waited on S3), then blocks 7 to 2 read

@@ -202,7 +202,7 @@ def test_after_stop_no_page_of_the_old_version_reaches_the_kernel():
     assert budget.used == 0
 
 
-def test_once_a_quarter_of_the_reads_come_back_a_block_fills_at_its_first_read():
+def test_once_an_eighth_of_the_reads_come_back_a_block_fills_at_its_first_read():
     data = os.urandom(10 * BLOCK)
     first, second, third = zip(*(places_in_block(block, 3) for block in range(4)))
     # With the warm-up: 4 blocks read twice (filled at the second), 2 once, 2 again: 6 of 16
