@@ -204,3 +204,17 @@ def test_compare_through_the_distant_relay_reads_every_byte(tmp_path):
         assert run["seconds"] >= 0.1, name  # not a speed check: the relay holds every response 100 ms
     assert "Every client reads and writes through a relay: 100 ms to each response, unlimited MB/s" \
         in (tmp_path / "compare.md").read_text()
+
+
+def test_the_block_fill_model_reports_each_rule():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.blockfill_model", "--blocks", "16", "--block-kib", "256", "--read-kib", "8",
+         "--reads-per-block", "0.5,2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "×" in line]
+    assert [row[1].strip() for row in rows] == ["8", "32"]  # R for each R/N
+    for row in rows:
+        cells = [cell.split() for cell in row[2:]]
+        assert len(cells) == 3  # second read only, 1/4, 1/8
+        assert all(float(traffic.rstrip("×")) > 0 and float(speed) > 0 for traffic, speed in cells)
