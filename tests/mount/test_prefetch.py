@@ -11,6 +11,7 @@ import subprocess
 
 import pytest
 
+from tests.support.cache_dir import after_the_writer, disk_use
 from tests.support.mounts import resident_bytes
 from tests.support.processes import proc_status_bytes, wait_until
 from tests.support.proxy import Stall, Status
@@ -30,12 +31,12 @@ def upload(s3, bucket, key, size, seed=1):
     return hashlib.sha256(data).hexdigest()
 
 
-def mounted_object(s3, bucket, proxy, mount_bucket, size):
-    """An object of ``size`` bytes, its path through a fresh mount behind ``proxy`` (looked
-    up, the proxy's records cleared) and its bytes."""
+def mounted_object(s3, bucket, proxy, mount_bucket, size, *options):
+    """An object of ``size`` bytes, its path through a fresh mount (with ``options``) behind
+    ``proxy`` (looked up, the proxy's records cleared) and its bytes."""
     upload(s3, bucket, "big", size)
     expected = s3.get_object(Bucket=bucket, Key="big")["Body"].read()
-    path = mount_bucket(bucket, endpoint=proxy.endpoint).path / "big"
+    path = mount_bucket(bucket, *options, endpoint=proxy.endpoint).path / "big"
     os.stat(path)
     proxy.clear()
     return path, expected
@@ -229,6 +230,31 @@ def test_once_a_reader_keeps_coming_back_a_block_is_fetched_at_its_first_read(s3
                    if r.range[1] + 1 - r.range[0] == MAX_REQUEST)
     assert whole == [1, 2, 3, 4, 5, 6, 7]
     assert len(proxy.records("GetObject")) == len(offsets) + len(whole)
+
+
+@pytest.mark.s3_servers("seaweedfs")
+def test_with_a_cache_a_filled_block_is_kept_on_disk_too(s3, bucket, proxy, mount_bucket, tmp_path):
+    """With --cache, a block fetched whole for random reads lands on disk as well as in the
+    page cache: once the kernel has let go of it (memory pressure), reads there cost no
+    request."""
+    cache = tmp_path / "cache"
+    path, expected = mounted_object(s3, bucket, proxy, mount_bucket, 32 * MiB, "--cache", str(cache))
+    block = 2 * MAX_REQUEST
+    elsewhere = [b * MAX_REQUEST + MiB for b in (3, 1, 0)] + [block + 7 * MiB]
+    with random_reader_of_a_slow_store(proxy, path) as f:
+        for offset in elsewhere + [block + 5 * MiB]:  # filled at the block's second read
+            assert os.pread(f.fileno(), 256 * KiB, offset) == expected[offset:offset + 256 * KiB]
+        wait_until(lambda: resident_bytes(path) >= MAX_REQUEST, "the block in the page cache", timeout=30)
+    # Before the fill: five reads of 256 KiB on disk. After: the block's 8 MiB too.
+    after_the_writer(lambda: disk_use(cache) >= MAX_REQUEST + 3 * 256 * KiB)
+    with open(path, "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    assert resident_bytes(path) == 0
+    proxy.clear()
+    with random_reader_of_a_slow_store(proxy, path) as f:
+        for offset in reversed(range(block, block + MAX_REQUEST, 256 * KiB)):
+            assert os.pread(f.fileno(), 256 * KiB, offset) == expected[offset:offset + 256 * KiB]
+    assert proxy.records("GetObject") == []
 
 
 @pytest.mark.s3_servers("seaweedfs")
