@@ -15,8 +15,8 @@ Once an eighth of the object's recent random reads have landed in blocks read be
 to it too. A reader that touches each block once (reads spread thin over a large object)
 never gets there, and never fetches 32 times the bytes it reads, which filling every block
 at its first read, as s3fs does, would cost it. One that reads 1/64 to 1/32 of an object
-does get there, and fetches up to 19 times what it reads (twice a quarter's; a denser
-reader the same as with a quarter, 25 % faster): ``python -m bench.blockfill_model``.
+does get there, and fetches up to 19 times what it reads (up to 2.6 times a quarter's; a
+denser reader the same as with a quarter, 25 % faster): ``python -m bench.blockfill_model``.
 
 Only where every recent random read waited long on S3 (``ReadWaits``: the shortest
 ``SLOW_READ`` or more, as against S3 itself, ten milliseconds or more to a first byte):
