@@ -106,6 +106,10 @@ class MountManager:
         self._launcher = Launcher(self._environment())
         self._launcher.start()
 
+    def close(self) -> None:
+        """Stop the launcher; mount processes, and their records, stay."""
+        self._launcher.close()
+
     # -- records ---------------------------------------------------------------------------
 
     def _record_path(self, target: str) -> Path:

@@ -158,15 +158,27 @@ def _launch(launcher: Launcher, *args: str, env: dict | None = None) -> int | No
         os.close(write_end)
 
 
-def launchers_of_this_process() -> list[int]:
-    return [int(entry.name) for entry in Path("/proc").iterdir()
+def launchers_of_this_process() -> set[int]:
+    return {int(entry.name) for entry in Path("/proc").iterdir()
             if entry.name.isdigit() and parent(int(entry.name)) == os.getpid()
-            and b"driver.csi.launcher" in cmdline(int(entry.name)) and alive(int(entry.name))]
+            and b"driver.csi.launcher" in cmdline(int(entry.name)) and alive(int(entry.name))}
+
+
+class WatchedLauncher(Launcher):
+    """A launcher whose processes a test can tell from any other this test process started
+    before (a MountManager's in an earlier test, on its way out)."""
+
+    def __init__(self) -> None:
+        super().__init__(dict(os.environ))
+        self.others = launchers_of_this_process()
+
+    def processes(self) -> set[int]:
+        return launchers_of_this_process() - self.others
 
 
 @pytest.fixture
 def launcher():
-    launcher = Launcher(dict(os.environ))
+    launcher = WatchedLauncher()
     yield launcher
     launcher.close()
 
@@ -174,11 +186,11 @@ def launcher():
 def test_a_mount_whose_command_line_or_environment_does_not_fit_is_started_afresh(launcher):
     launcher.start()
     assert _launch(launcher) is not None, "a short command line is forked"
-    [process] = launchers_of_this_process()
+    [process] = launcher.processes()
     # The launcher keeps about 8 KiB of room in each (ROOM): more would not show in /proc as the mount's own.
     assert _launch(launcher, "x" * 2 * ROOM) is None
     assert _launch(launcher, env={**os.environ, "PAIL_TEST_LONG": "x" * 2 * ROOM}) is None
-    assert launchers_of_this_process() == [process], "the launcher stays"
+    assert launcher.processes() == {process}, "the launcher stays"
     assert _launch(launcher, "x" * 100) is not None, "and forks the next that fits"
 
 
@@ -186,15 +198,15 @@ def test_a_launcher_that_never_gets_ready_is_given_up_and_not_started_again_for_
     monkeypatch.setattr(launcher_module, "HELLO_TIMEOUT", 1.0)
     monkeypatch.setattr(launcher_module, "RETRY_AFTER", 4.0)
     launcher.start()
-    [process] = launchers_of_this_process()
+    [process] = launcher.processes()
     os.kill(process, signal.SIGSTOP)  # still importing: a launcher stuck before it answers
     assert _launch(launcher) is None, "the publish starts its mount afresh"
     _wait(lambda: not alive(process), "the stuck launcher is stopped")
     # Another started at once would likely get stuck too: publishes start mounts afresh.
     assert _launch(launcher) is None
-    assert launchers_of_this_process() == []
+    assert launcher.processes() == set()
     time.sleep(4.0)
     assert _launch(launcher) is None, "this publish starts one, and does not wait for it"
-    assert len(launchers_of_this_process()) == 1
+    assert len(launcher.processes()) == 1
     monkeypatch.setattr(launcher_module, "HELLO_TIMEOUT", 30.0)  # its imports get their usual time
     assert _launch(launcher) is not None, "the next is forked by it"

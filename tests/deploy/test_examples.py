@@ -255,7 +255,8 @@ def node(tmp_path, examples):
     pod_identity = PodIdentitySettings(pod_identity_agent_url="http://169.254.170.23/v1/credentials")
     service = NodeService("node-1", mounts, kubelet_dir=KUBELET_DIR, service_accounts=examples.service_account,
                           pod_identity=pod_identity)
-    return service, mounts
+    yield service, mounts
+    mounts.close()  # its launcher, which would otherwise live on as this process's child
 
 
 @pytest.fixture
