@@ -11,9 +11,8 @@ import urllib.request
 import pytest
 
 from tests.support.kubelet import Kubelet, NodeServer
-from tests.support.mounts import resident_bytes
+from tests.support.mounts import random_reader_of_a_slow_store, resident_bytes
 from tests.support.processes import wait_until
-from tests.support.proxy import Stall
 from tests.support.s3server import free_port
 
 pytestmark = pytest.mark.s3_servers("seaweedfs")
@@ -149,8 +148,7 @@ def test_a_block_fetched_whole_into_the_page_cache_is_counted(s3, bucket, proxy,
     # Reads in four other blocks first (fills start once random reads have waited on S3),
     # then two in block 3, each before the last so that none looks sequential.
     offsets = [b * BLOCK + MiB for b in (7, 6, 1, 0)] + [3 * BLOCK + 7 * MiB, 3 * BLOCK + 2 * MiB]
-    with proxy.inject(Stall(0.03), op="GetObject", times=None), open(path, "rb", buffering=0) as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+    with random_reader_of_a_slow_store(proxy, path) as f:
         for offset in offsets:
             assert os.pread(f.fileno(), 256 * KiB, offset) == data[offset:offset + 256 * KiB]
         wait_until(lambda: resident_bytes(path) >= BLOCK, "the block in the page cache", timeout=30)

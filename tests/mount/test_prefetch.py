@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import hashlib
 import os
 import random
@@ -12,7 +11,7 @@ import subprocess
 import pytest
 
 from tests.support.cache_dir import after_the_writer, disk_use
-from tests.support.mounts import resident_bytes
+from tests.support.mounts import random_reader_of_a_slow_store, resident_bytes
 from tests.support.processes import proc_status_bytes, wait_until
 from tests.support.proxy import Stall, Status
 
@@ -40,15 +39,6 @@ def mounted_object(s3, bucket, proxy, mount_bucket, size, *options):
     os.stat(path)
     proxy.clear()
     return path, expected
-
-
-@contextlib.contextmanager
-def random_reader_of_a_slow_store(proxy, path):
-    """``path`` opened unbuffered, advised random, while every GET answers 30 ms late (S3 as
-    seen from EC2): where block fills run."""
-    with proxy.inject(Stall(0.03), op="GetObject", times=None), open(path, "rb", buffering=0) as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
-        yield f
 
 
 def peak_rss(pid: int) -> int:
@@ -163,15 +153,9 @@ def test_threads_reading_one_descriptor_at_random_fetch_each_range_once(s3, buck
     # read moves the handle's window; the others' requests must not be cancelled by it.
     # Without block fills (off, or no page cache to fill), each read is one request, even
     # against a store slow enough for fills (30 ms per GET).
-    upload(s3, bucket, "big", 64 * MiB)
-    expected = s3.get_object(Bucket=bucket, Key="big")["Body"].read()
-    mount = mount_bucket(bucket, option, endpoint=proxy.endpoint)
-    os.stat(mount.path / "big")
-    proxy.clear()
+    path, expected = mounted_object(s3, bucket, proxy, mount_bucket, 64 * MiB, option)
     places = random.Random(5).sample(range(0, 256, 3), 80)  # never next to one another
-    with proxy.inject(Stall(0.03), op="GetObject", times=None), open(mount.path / "big", "rb", buffering=0) as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
-
+    with random_reader_of_a_slow_store(proxy, path) as f:
         def read(offsets):
             return [(off, os.pread(f.fileno(), 256 * KiB, off)) for off in offsets]
         with concurrent.futures.ThreadPoolExecutor(4) as pool:

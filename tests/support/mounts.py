@@ -7,6 +7,7 @@ knows exactly when the mount is live or why it failed, and owns the process to s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -16,6 +17,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.support.proxy import Stall
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
@@ -43,6 +46,15 @@ def resident_bytes(path: Path) -> int:
     out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
                          capture_output=True, text=True, timeout=30, check=True).stdout
     return int(out.strip())
+
+
+@contextlib.contextmanager
+def random_reader_of_a_slow_store(proxy, path: Path):
+    """``path`` opened unbuffered, advised random, while every GET through ``proxy`` answers
+    30 ms late (S3 as seen from EC2): where block fills run."""
+    with proxy.inject(Stall(0.03), op="GetObject", times=None), open(path, "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        yield f
 
 
 def force_unmount(path: Path) -> None:
