@@ -2,8 +2,8 @@
 
 ``pail mount`` checks everything it can before mounting (options, the directory, the
 bucket and the credentials) and says what is wrong in one line. Without --foreground it
-starts the mount in a new process (the same code, with --foreground) and returns once the
-mount answers, or with that process's error.
+forks the mount process and returns once the mount answers, or with that process's
+error (and no mount left behind).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def build_parser(strict: bool = False) -> argparse.ArgumentParser:
                             "(default: off)")
     files.add_argument("--no-block-fill", dest="block_fill", action="store_false",
                        help="never fetch a whole 8 MiB block into the page cache for random reads that "
-                            "keep coming back to it (default: fill after 3 reads in a block)")
+                            "keep coming back to it (default: fill at the second read in a block)")
     objects = mount.add_argument_group("objects")
     objects.add_argument("--storage-class", help="storage class of new objects (e.g. STANDARD_IA)")
     objects.add_argument("--sse", choices=SSE_MODES, help="server-side encryption of new objects")
@@ -300,7 +300,7 @@ def mount(args: argparse.Namespace) -> int:
             raise CommandError(problem, readiness.DIRECTORY)
         # Returns in both processes: here once the mount answered, in the mount process
         # with the pipe it answers on, as a node-started mount gets it with --ready-fd.
-        args.ready_fd = _fork_mount_process()
+        args.ready_fd = _fork_mount_process(config.mountpoint)
         if args.ready_fd is None:
             return 0
     region, session = _check_before_mount(config)
@@ -324,10 +324,10 @@ def _open_cache(config: MountConfig):
         raise CommandError(f"--cache: {exc}", readiness.INVALID) from None
 
 
-def _fork_mount_process() -> int | None:
+def _fork_mount_process(mountpoint: str) -> int | None:
     """Fork the mount process, in a new session, and wait until it answers: None here
-    once it is live (CommandError when it is not); in the mount process, the pipe's end
-    to answer on.
+    once it is live (CommandError when it is not, and no mount left at ``mountpoint``);
+    in the mount process, the pipe's end to answer on.
 
     Forked, not started afresh: a new interpreter would start and import this module
     again (about 0.07 s of a mount's 0.5–0.7 s start, docs/ARCHITECTURE.md). Nothing
@@ -363,12 +363,24 @@ def _fork_mount_process() -> int | None:
         if code is None:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+            _detach_left(mountpoint)
             raise CommandError(f"the mount did not answer within {READY_TIMEOUT:.0f} s")
+        _detach_left(mountpoint)
         raise CommandError(f"the mount process exited with status {code}")
     error = readiness.parse(line)
     if error is not None:
         raise CommandError(error[1], error[0])
     return None
+
+
+def _detach_left(mountpoint: str) -> None:
+    """A mount process that had mounted and then ended or was killed leaves its mount
+    behind, every access to it failing with ENOTCONN; the directory was no mount point
+    before (check_mount_directory), so a mount there now is that one."""
+    if is_mount_point(mountpoint):
+        fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+        command = [fusermount, "-u", "-z", mountpoint] if fusermount else ["umount", "-l", mountpoint]
+        subprocess.run(command, capture_output=True, check=False)
 
 
 def _exit_code_within(pid: int, seconds: float) -> int | None:

@@ -159,6 +159,23 @@ def pail_cli(*args: str, env: dict[str, str], timeout: float = 90) -> subprocess
                           timeout=timeout)
 
 
+def _pail_after(setup: str) -> list[str]:
+    """The `pail` command in an interpreter that first runs ``setup`` (Python, with
+    ``driver.cli`` imported as ``cli``): to shorten one of its waits, or to stall one
+    step, for a test; the code otherwise as installed."""
+    return [sys.executable, "-c", f"import sys\nimport driver.cli as cli\n{setup}\nsys.exit(cli.main())"]
+
+
+def pail_cli_after(setup: str, *args: str, env: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run([*_pail_after(setup), *args], env=_clean_env(env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_pail_cli_after(setup: str, *args: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([*_pail_after(setup), *args], env=_clean_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
 def start_pail_cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
     """Start the `pail` command as a user would, to act on it while it runs."""
     return subprocess.Popen([_pail(), *args], env=_clean_env(env), stdout=subprocess.PIPE,
