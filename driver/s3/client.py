@@ -124,6 +124,10 @@ def _error_from_boto(exc: Exception, operation: str, what: str) -> api.ObjectCli
         message = f"{operation} {what}: {status} {code or ''}".rstrip()
         if code == "NoSuchBucket":
             return api.NoSuchBucket(message, operation=operation, status=status, code=code)
+        if code == "NoSuchUpload":
+            # A 404 about the upload (aborted by another client or a lifecycle rule), not
+            # the object: a failed upload, EIO to the writer, not a file deleted under it.
+            return api.ObjectClientError(message, operation=operation, status=status, code=code)
         if status == 404 or code in ("NoSuchKey", "NotFound"):
             return api.NoSuchKey(message, operation=operation, status=status, code=code)
         if status in (401, 403):

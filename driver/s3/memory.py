@@ -169,7 +169,7 @@ class MemoryClient:
     async def upload_part(self, key: str, upload_id: str, number: int, data: bytes | memoryview) -> UploadedPart:
         await self._request(Call("UploadPart", key, number, len(data)))
         if upload_id not in self.uploads:
-            raise NoSuchKey(f"no upload {upload_id}", operation="UploadPart", status=404, code="NoSuchUpload")
+            raise ObjectClientError(f"no upload {upload_id}", operation="UploadPart", status=404, code="NoSuchUpload")
         self.uploads[upload_id][1][number] = bytes(data)
         return UploadedPart(number, '"%s"' % hashlib.md5(data).hexdigest())
 

@@ -3,9 +3,12 @@ complete when closed, every failure reported."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -98,6 +101,32 @@ def test_failed_part_is_eio_at_close_and_leaves_no_upload(s3, bucket, proxy, mou
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     assert "doomed.bin" not in [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
     assert not (mount.path / "doomed.bin").exists()
+
+
+def test_an_upload_aborted_in_s3_mid_write_is_eio(s3, bucket, mount_bucket):
+    """Another client (or a lifecycle rule) aborts the multipart upload: S3 answers the
+    next part with 404 NoSuchUpload, a failed upload like any other, not a deleted file."""
+    mount = mount_bucket(bucket)
+    f = open(mount.path / "aborted.bin", "wb")
+    try:
+        f.write(os.urandom(PART + MiB))
+        f.flush()  # the first part is on its way: the upload exists in S3
+        uploads = []
+        for _ in range(200):
+            uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+            if uploads:
+                break
+            time.sleep(0.05)
+        [upload] = uploads
+        s3.abort_multipart_upload(Bucket=bucket, Key="aborted.bin", UploadId=upload["UploadId"])
+        with pytest.raises(OSError) as error:
+            f.write(os.urandom(2 * PART))  # its parts go to an upload that is gone
+            f.close()
+        assert error.value.errno == errno.EIO, error.value
+    finally:
+        with contextlib.suppress(OSError):
+            f.close()
+    assert "aborted.bin" not in [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
 
 
 def test_failed_small_upload_is_eio_at_close(s3, bucket, proxy, mount_bucket):
