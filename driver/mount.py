@@ -25,7 +25,7 @@ log = structlog.get_logger("pail.mount")
 
 
 class _Parent:
-    """Tells the starting process 'ready' or 'error: ...' exactly once."""
+    """Tells the starting process 'ready' or 'error KIND: message' exactly once."""
 
     def __init__(self, fd: int | None) -> None:
         self._fd = fd

@@ -4,11 +4,12 @@ A read away from where its handle last read fetches just what it asks for (``Pre
 so a program sampling records all over an object (a training job's shuffled reads, fio)
 pays a round trip per read, where s3fs fetches megabytes around each miss and keeps them on
 disk. Here, per object version, random reads are counted per aligned block (the
-prefetcher's largest request: 8 MiB, or the object's part). At its ``FILL_AFTER_READS``-th
-read, if its reads have taken ``1/FILL_AFTER_FRACTION`` of it, a block is fetched whole,
-once, and handed to the kernel's page cache (``store``, FUSE's notify_store). The reads
-that follow in it are answered by the kernel without a request to the mount; reads that
-arrive while the block is in flight wait for it instead of asking S3 themselves.
+prefetcher's largest request: 8 MiB, or the largest equal piece of the object's part up to
+that). At its ``FILL_AFTER_READS``-th read, if its reads have taken ``1/FILL_AFTER_FRACTION``
+of it, a block is fetched whole, once, and handed to the kernel's page cache (``store``,
+FUSE's notify_store). The reads that follow in it are answered by the kernel without a
+request to the mount; reads that arrive while the block is in flight wait for it instead
+of asking S3 themselves.
 
 Once an eighth of the object's recent random reads have landed in blocks read before
 (``comes_back``), a block is filled at its first read: that reader will likely come back
