@@ -198,6 +198,8 @@ def test_a_launcher_that_never_gets_ready_is_given_up_and_not_started_again_for_
     monkeypatch.setattr(launcher_module, "HELLO_TIMEOUT", 1.0)
     monkeypatch.setattr(launcher_module, "RETRY_AFTER", 4.0)
     launcher.start()
+    # Until it has exec'd, the launcher's command line is still this process's.
+    _wait(lambda: launcher.processes(), "the launcher started")
     [process] = launcher.processes()
     os.kill(process, signal.SIGSTOP)  # still importing: a launcher stuck before it answers
     assert _launch(launcher) is None, "the publish starts its mount afresh"
@@ -207,6 +209,7 @@ def test_a_launcher_that_never_gets_ready_is_given_up_and_not_started_again_for_
     assert launcher.processes() == set()
     time.sleep(4.0)
     assert _launch(launcher) is None, "this publish starts one, and does not wait for it"
+    _wait(lambda: launcher.processes(), "a launcher started again")
     assert len(launcher.processes()) == 1
     monkeypatch.setattr(launcher_module, "HELLO_TIMEOUT", 30.0)  # its imports get their usual time
     assert _launch(launcher) is not None, "the next is forked by it"
