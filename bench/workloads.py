@@ -61,7 +61,8 @@ WORKLOADS = {
                        "awscrt GET_OBJECT, twice", second_pass=CACHED_READERS,
                        second_label="reread {size} object: epoch 2 (page cache dropped)"),
     "rand_read_1t": Workload("random 256 KiB reads, {size} object, 1 thread", "mb_s", "MB/s", "higher",
-                             CACHED_READERS, "awscrt ranged GETs, one in flight, same offsets", second_pass=("pail", "pail-cache"),
+                             CACHED_READERS, "awscrt ranged GETs, one in flight, same offsets",
+                             second_pass=("pail", "pail-cache"),
                              second_label="random 256 KiB reads, {size} object, 1 thread: second pass "
                                           "(same offsets, page cache dropped)"),
     "rand_read_4t": Workload("random 256 KiB reads, {size} object, 4 threads", "mb_s", "MB/s", "higher",
@@ -70,7 +71,8 @@ WORKLOADS = {
                              second_label="random 256 KiB reads, {size} object, 4 threads: second pass "
                                           "(same offsets, page cache dropped)"),
     "rand_read_shared": Workload("random 256 KiB reads, {size} object, 4 threads sharing one descriptor", "mb_s",
-                                 "MB/s", "higher", READERS, "awscrt ranged GETs from 4 threads, one in flight each, same offsets"),
+                                 "MB/s", "higher", READERS,
+                                 "awscrt ranged GETs from 4 threads, one in flight each, same offsets"),
     "list": Workload("ls -l of {list} objects", "seconds", "s", "lower", (*MOUNTS, "rclone-modtime", "raw"),
                      "boto3 ListObjectsV2 walk (1,000 keys a page)"),
     "cat_small": Workload("cat of {small} files of 64 KiB", "seconds", "s", "lower", READERS,
