@@ -378,9 +378,16 @@ def _detach_left(mountpoint: str) -> None:
     behind, every access to it failing with ENOTCONN; the directory was no mount point
     before (check_mount_directory), so a mount there now is that one."""
     if is_mount_point(mountpoint):
-        fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
-        command = [fusermount, "-u", "-z", mountpoint] if fusermount else ["umount", "-l", mountpoint]
-        subprocess.run(command, capture_output=True, check=False)
+        subprocess.run(_unmount_command(mountpoint, lazy=True), capture_output=True, check=False)
+
+
+def _unmount_command(path: str, *, lazy: bool = False) -> list[str]:
+    """fusermount3 (or fusermount, or umount) for ``path``; ``lazy``: detached even while busy
+    or dead."""
+    fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+    if fusermount:
+        return [fusermount, "-u", *(["-z"] if lazy else []), path]
+    return ["umount", *(["-l"] if lazy else []), path]
 
 
 def _exit_code_within(pid: int, seconds: float) -> int | None:
@@ -463,9 +470,7 @@ def unmount(args: argparse.Namespace) -> int:
     path = resolve(args.directory)
     if not is_mount_point(path):
         raise CommandError(f"{path}: not mounted")
-    fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
-    command = [fusermount, "-u", path] if fusermount else ["umount", path]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(_unmount_command(path), capture_output=True, text=True)
     if result.returncode != 0:
         detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
         raise CommandError(f"{path}: {detail}")

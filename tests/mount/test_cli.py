@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.mounts import is_mounted, pail_cli, pail_cli_after, start_pail_cli, start_pail_cli_after
+from tests.support.mounts import is_mounted, pail_cli, start_pail_cli
+from tests.support.processes import wait_until
 from tests.support.s3server import free_port
 
 
@@ -195,9 +196,9 @@ def test_a_mount_process_that_never_answers_is_stopped(s3_server, mountpoint):
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
     try:
-        result = pail_cli_after("cli.READY_TIMEOUT = 3.0", "mount", "some-bucket", str(mountpoint),
-                                "--region", "us-east-1", "--endpoint-url",
-                                f"http://127.0.0.1:{silent.getsockname()[1]}", env=s3_server.env(), timeout=60)
+        result = pail_cli("mount", "some-bucket", str(mountpoint), "--region", "us-east-1", "--endpoint-url",
+                          f"http://127.0.0.1:{silent.getsockname()[1]}", env=s3_server.env(), timeout=60,
+                          after="cli.READY_TIMEOUT = 3.0")
     finally:
         silent.close()
     assert result.returncode == 1
@@ -216,8 +217,8 @@ driver.fuse.session._report_ready = never
 
 @pytest.mark.s3_servers("moto")
 def test_a_mount_that_never_says_it_is_live_is_taken_down(s3_server, bucket, mountpoint):
-    result = pail_cli_after(NEVER_READY + "cli.READY_TIMEOUT = 3.0", "mount", bucket, str(mountpoint),
-                            "--endpoint-url", s3_server.endpoint, env=s3_server.env(), timeout=60)
+    result = pail_cli("mount", bucket, str(mountpoint), "--endpoint-url", s3_server.endpoint, env=s3_server.env(),
+                      timeout=60, after=NEVER_READY + "cli.READY_TIMEOUT = 3.0")
     assert result.returncode == 1
     assert result.stderr.strip() == "pail mount: the mount did not answer within 3 s"
     assert_nothing_left(mountpoint)  # no mount left whose process is gone
@@ -226,13 +227,11 @@ def test_a_mount_that_never_says_it_is_live_is_taken_down(s3_server, bucket, mou
 
 @pytest.mark.s3_servers("moto")
 def test_a_mount_process_killed_after_mounting_leaves_no_dead_mount(s3_server, bucket, mountpoint):
-    command = start_pail_cli_after(NEVER_READY, "mount", bucket, str(mountpoint), "--endpoint-url",
-                                   s3_server.endpoint, env=s3_server.env())
+    command = start_pail_cli("mount", bucket, str(mountpoint), "--endpoint-url", s3_server.endpoint,
+                             env=s3_server.env(), after=NEVER_READY)
     try:
-        deadline = time.monotonic() + 30
-        while not is_mounted(mountpoint):
-            assert time.monotonic() < deadline and command.poll() is None, "nothing was mounted"
-            time.sleep(0.05)
+        wait_until(lambda: is_mounted(mountpoint) or command.poll() is not None, "the mount", timeout=30)
+        assert command.poll() is None, "the command ended before its process had mounted"
         [forked] = [p for p in mount_processes(mountpoint) if p != command.pid]
         os.kill(forked, 9)
         _, stderr = command.communicate(timeout=30)

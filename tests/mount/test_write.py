@@ -8,10 +8,10 @@ import errno
 import hashlib
 import os
 import subprocess
-import time
 
 import pytest
 
+from tests.support.processes import wait_until
 from tests.support.proxy import Status
 
 KiB, MiB = 1024, 1024 * 1024
@@ -111,13 +111,8 @@ def test_an_upload_aborted_in_s3_mid_write_is_eio(s3, bucket, mount_bucket):
     try:
         f.write(os.urandom(PART + MiB))
         f.flush()  # the first part is on its way: the upload exists in S3
-        uploads = []
-        for _ in range(200):
-            uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
-            if uploads:
-                break
-            time.sleep(0.05)
-        [upload] = uploads
+        [upload] = wait_until(lambda: s3.list_multipart_uploads(Bucket=bucket).get("Uploads"),
+                              "the upload started in S3", timeout=10)
         s3.abort_multipart_upload(Bucket=bucket, Key="aborted.bin", UploadId=upload["UploadId"])
         with pytest.raises(OSError) as error:
             f.write(os.urandom(2 * PART))  # its parts go to an upload that is gone

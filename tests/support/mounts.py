@@ -149,34 +149,23 @@ def _read_line(fd: int, timeout: float) -> str:
     return data.decode("utf-8", "replace").strip()
 
 
-def _pail() -> str:
-    return shutil.which("pail", path=str(Path(sys.executable).parent)) or "pail"
+def _pail(after: str | None = None) -> list[str]:
+    """The `pail` command as installed; with ``after``, in an interpreter that first runs
+    that Python (``driver.cli`` imported as ``cli``): to shorten one of its waits, or to
+    stall one step, for a test, the code otherwise as installed."""
+    if after is not None:
+        return [sys.executable, "-c", f"import sys\nimport driver.cli as cli\n{after}\nsys.exit(cli.main())"]
+    return [shutil.which("pail", path=str(Path(sys.executable).parent)) or "pail"]
 
 
-def pail_cli(*args: str, env: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess:
+def pail_cli(*args: str, env: dict[str, str], timeout: float = 90, after: str | None = None
+             ) -> subprocess.CompletedProcess:
     """Run the `pail` command as a user would."""
-    return subprocess.run([_pail(), *args], env=_clean_env(env), capture_output=True, text=True,
+    return subprocess.run([*_pail(after), *args], env=_clean_env(env), capture_output=True, text=True,
                           timeout=timeout)
 
 
-def _pail_after(setup: str) -> list[str]:
-    """The `pail` command in an interpreter that first runs ``setup`` (Python, with
-    ``driver.cli`` imported as ``cli``): to shorten one of its waits, or to stall one
-    step, for a test; the code otherwise as installed."""
-    return [sys.executable, "-c", f"import sys\nimport driver.cli as cli\n{setup}\nsys.exit(cli.main())"]
-
-
-def pail_cli_after(setup: str, *args: str, env: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess:
-    return subprocess.run([*_pail_after(setup), *args], env=_clean_env(env), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def start_pail_cli_after(setup: str, *args: str, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([*_pail_after(setup), *args], env=_clean_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def start_pail_cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
+def start_pail_cli(*args: str, env: dict[str, str], after: str | None = None) -> subprocess.Popen:
     """Start the `pail` command as a user would, to act on it while it runs."""
-    return subprocess.Popen([_pail(), *args], env=_clean_env(env), stdout=subprocess.PIPE,
+    return subprocess.Popen([*_pail(after), *args], env=_clean_env(env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
